@@ -1,0 +1,44 @@
+"""optdist: composable optax transforms for distributed, communication-efficient training."""
+
+from optdist import comm
+from optdist.comm import (
+    ByteCounter,
+    Channel,
+    UnboundAxisError,
+    bytes_sent,
+    mean_gradients,
+    num_workers,
+    worker_index,
+)
+from optdist.execution import (
+    data_parallel,
+    is_replicated,
+    replicate,
+    shard_batch,
+    simulate,
+    unreplicate,
+    worker_specs,
+)
+from optdist.nonfinite import SkipNonFiniteState, skip_nonfinite
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ByteCounter",
+    "Channel",
+    "UnboundAxisError",
+    "bytes_sent",
+    "comm",
+    "data_parallel",
+    "is_replicated",
+    "mean_gradients",
+    "num_workers",
+    "replicate",
+    "shard_batch",
+    "simulate",
+    "skip_nonfinite",
+    "SkipNonFiniteState",
+    "unreplicate",
+    "worker_index",
+    "worker_specs",
+]

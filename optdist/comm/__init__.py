@@ -1,0 +1,40 @@
+"""Communication core: worker axes, collectives with byte accounting, the exact mean."""
+
+from optdist.comm.accounting import (
+    ByteCounter,
+    all_gather_bytes,
+    all_reduce_bytes,
+    bytes_sent,
+    payload_bytes,
+    reduce_scatter_bytes,
+)
+from optdist.comm.axes import (
+    AxisName,
+    UnboundAxisError,
+    axis_aliases,
+    num_workers,
+    physical_axes,
+    validate_axis_name,
+    worker_index,
+)
+from optdist.comm.channel import Channel
+from optdist.comm.mean import MeanGradientsState, mean_gradients
+
+__all__ = [
+    "AxisName",
+    "ByteCounter",
+    "Channel",
+    "MeanGradientsState",
+    "UnboundAxisError",
+    "all_gather_bytes",
+    "all_reduce_bytes",
+    "axis_aliases",
+    "bytes_sent",
+    "mean_gradients",
+    "num_workers",
+    "payload_bytes",
+    "physical_axes",
+    "reduce_scatter_bytes",
+    "validate_axis_name",
+    "worker_index",
+]

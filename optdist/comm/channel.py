@@ -1,0 +1,90 @@
+"""Collectives over one worker axis that tally the bytes they send.
+
+Every communicating transform talks through a :class:`Channel` built inside
+its ``update``; after the collectives it adds ``channel.nbytes`` to the
+:class:`~optdist.comm.accounting.ByteCounter` in its state. The tally is a
+static Python int computed from the real payload shapes and dtypes during
+tracing, so it costs nothing at run time and cannot drift from the payload.
+
+With ``axis_name=None`` (one worker) every collective is the identity and
+sends nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from jax import lax
+
+from optdist.comm import accounting
+from optdist.comm.axes import AxisName, _unbound, num_workers, physical_axes, worker_index
+
+
+class Channel:
+    """Collectives over ``axis_name`` with an exact per-worker byte tally.
+
+    Attributes:
+      axis_name: the logical axis as the transform was given it.
+      size: number of workers ``n`` (static).
+      nbytes: bytes this worker has sent through this channel (static int).
+      num_collectives: number of collective calls issued (for HLO checks).
+    """
+
+    def __init__(self, axis_name: AxisName):
+        self.axis_name = axis_name
+        self._axes = physical_axes(axis_name)
+        self.size = num_workers(axis_name)
+        self.nbytes = 0
+        self.num_collectives = 0
+
+    @property
+    def index(self) -> jax.Array:
+        """This worker's index along the axis."""
+        return worker_index(self.axis_name)
+
+    def _issue(self, fn, tree, nbytes: int):
+        if not self._axes:
+            return tree
+        self.nbytes += nbytes
+        self.num_collectives += 1
+        try:
+            return fn(tree, self._axes)
+        except NameError as err:
+            raise _unbound(self.axis_name, err) from None
+
+    def psum(self, tree: Any) -> Any:
+        """Sum over workers (ring all-reduce)."""
+        return self._issue(lax.psum, tree, accounting.all_reduce_bytes(tree, self.size))
+
+    def pmean(self, tree: Any) -> Any:
+        """Mean over workers (ring all-reduce)."""
+        return self._issue(lax.pmean, tree, accounting.all_reduce_bytes(tree, self.size))
+
+    def pmax(self, tree: Any) -> Any:
+        """Element-wise max over workers (ring all-reduce)."""
+        return self._issue(lax.pmax, tree, accounting.all_reduce_bytes(tree, self.size))
+
+    def all_gather(self, tree: Any) -> Any:
+        """Every worker's ``tree``, stacked on a new leading axis of size ``n``."""
+        if not self._axes:
+            return jax.tree_util.tree_map(lambda x: x[None], tree)
+        return self._issue(
+            lambda t, axes: lax.all_gather(t, axes), tree, accounting.all_gather_bytes(tree, self.size)
+        )
+
+    def ppermute(self, tree: Any, perm: Sequence[tuple[int, int]]) -> Any:
+        """Sends ``tree`` along ``perm`` (pairs ``(source, destination)``).
+
+        ``perm`` must be a full permutation (every worker sends once), so each
+        worker's byte count is the payload size.
+        """
+        perm = [(int(s), int(d)) for s, d in perm]
+        sources = sorted(s for s, _ in perm)
+        dests = sorted(d for _, d in perm)
+        if sources != list(range(self.size)) or dests != list(range(self.size)):
+            raise ValueError(
+                f"perm must send from and to every one of the {self.size} workers exactly once; got {perm}."
+            )
+        return self._issue(lambda t, axes: lax.ppermute(t, axes, perm), tree, accounting.payload_bytes(tree))
