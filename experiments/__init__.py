@@ -1,0 +1,1 @@
+"""optdist experiments: absl binaries, ml_collections configs, embedded datasets."""

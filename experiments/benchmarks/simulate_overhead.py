@@ -1,0 +1,115 @@
+"""Overhead of simulated workers: N workers under vmap vs one worker with an N-times batch.
+
+Both sides compute the same total work (N x b examples per step, one
+optimizer update of the same model) on the same device, side by side in one
+run; the ratio is the cost of simulating N workers (per-worker optimizer
+state and updates, the mean's collective lowered to a reduction).
+
+  python -m experiments.benchmarks.simulate_overhead [--workers 8] [--batch 16] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import jax
+import ml_collections
+import optax
+
+import optdist
+from experiments import models
+
+
+def _time(fn, *args, repeats: int) -> float:
+    out = fn(*args)
+    jax.block_until_ready(out)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best
+
+
+def measure(model: str, workers: int, batch: int, steps: int, repeats: int) -> dict:
+    cfg = ml_collections.ConfigDict(
+        {"model": model, "hidden": 128, "dim": 64, "heads": 4, "layers": 2, "seq_len": 64}
+    )
+    vocab = 128 if model == "transformer" else 10
+    params, apply_fn = models.build(cfg, vocab, 0)
+    key = jax.random.key(0)
+    if model == "transformer":
+        x = jax.random.randint(key, (workers * batch, 65), 0, vocab)
+        data = (x[:, :-1], x[:, 1:])
+    else:
+        data = (
+            jax.random.normal(key, (workers * batch, 64)),
+            jax.random.randint(key, (workers * batch,), 0, 10),
+        )
+
+    def loss(p, batch):
+        return models.cross_entropy(apply_fn(p, batch[0]), batch[1])
+
+    def make_chunk(tx):
+        def chunk(p, s, batch):
+            def body(carry, _):
+                p, s = carry
+                u, s = tx.update(jax.grad(loss)(p, batch), s, p)
+                return (optax.apply_updates(p, u), s), None
+
+            return jax.lax.scan(body, (p, s), None, length=steps)[0]
+
+        return chunk
+
+    sim_tx = optax.chain(optdist.mean_gradients("data"), optax.adam(1e-3))
+    sim = optdist.simulate(make_chunk(sim_tx), "data")
+    sim_args = (
+        *optdist.replicate((params, sim_tx.init(params)), workers),
+        optdist.shard_batch(data, workers),
+    )
+    one_tx = optax.adam(1e-3)
+    one = jax.jit(make_chunk(one_tx))
+    t_sim = _time(sim, *sim_args, repeats=repeats) / steps
+    t_one = _time(one, params, one_tx.init(params), data, repeats=repeats) / steps
+    return {
+        "model": model,
+        "workers": workers,
+        "batch_per_worker": batch,
+        "simulated_step_ms": 1e3 * t_sim,
+        "single_big_batch_step_ms": 1e3 * t_one,
+        "ratio": t_sim / t_one,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", default="mlp,transformer")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = jax.devices()[0]
+    rows = [measure(m, args.workers, args.batch, args.steps, args.repeats) for m in args.models.split(",")]
+    print(
+        f"device: {device.device_kind} ({platform.processor() or platform.machine()}), jax {jax.__version__}"
+    )
+    print(f"{'model':<12} {'workers':>7} {'sim ms/step':>12} {'1x big ms/step':>15} {'ratio':>7}")
+    for r in rows:
+        print(
+            f"{r['model']:<12} {r['workers']:>7} {r['simulated_step_ms']:>12.3f} "
+            f"{r['single_big_batch_step_ms']:>15.3f} {r['ratio']:>7.2f}"
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": str(device), "jax": jax.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The experiment harness: data, training under simulated/real workers, the main job."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import optdist
+from experiments import compare, data, train
+from experiments.configs import charlm as charlm_config
+from experiments.configs import compare as compare_config
+from experiments.configs import digits as digits_config
+
+
+def tiny_digits(method="exact_mean", **overrides):
+    c = digits_config.get_config()
+    c.hidden = 16
+    c.steps = 20
+    c.eval_every = 10
+    c.num_workers = 4
+    c.batch_size = 8
+    c.method = method
+    c.update(overrides)
+    return c
+
+
+def test_corpus_is_deterministic_and_ascii():
+    a = data.stdlib_corpus(50_000)
+    assert a == data.stdlib_corpus(50_000)
+    assert len(a) == 50_000 and all(ord(ch) < 128 for ch in a)
+    ds = data.load_charlm(max_chars=20_000)
+    assert len(ds.x_train) == 18_000 and len(ds.x_test) == 2_000
+    assert ds.x_train.max() < data.VOCAB_SIZE
+
+
+def test_partitions():
+    ds = data.load_digits()
+    iid = data.partition(len(ds.x_train), 8, seed=0)
+    assert iid.shape[0] == 8
+    assert len(np.unique(iid)) == len(ds.x_train)  # every example used
+    non_iid = data.partition(len(ds.x_train), 8, labels=ds.y_train, classes_per_worker=2, seed=0)
+    for w in range(8):
+        assert set(np.unique(ds.y_train[non_iid[w]])) == {w % 10, (w + 1) % 10}
+
+
+@pytest.fixture(scope="module")
+def exact_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("exact"))
+    return train.train_and_evaluate(tiny_digits(), workdir, verbose=False), workdir
+
+
+def test_train_writes_metrics_plot_and_counts_bytes(exact_run):
+    result, workdir = exact_run
+    assert os.path.exists(os.path.join(workdir, "plot.png"))
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        saved = json.load(f)
+    assert [r["step"] for r in saved["history"]] == [10, 20]
+    # 64*16+16 + 16*16+16 + 16*10+10 float32 params; ring over 4 workers; plus the
+    # 4-byte non-finite agreement flag each step.
+    elems = 64 * 16 + 16 + 16 * 16 + 16 + 16 * 10 + 10
+    per_step = 2 * 3 * -(-elems // 4) * 4 + 2 * 3 * 1 * 4
+    assert saved["summary"]["bytes_per_worker"] == 20 * per_step
+    assert saved["summary"]["test_accuracy"] > 0.2  # chance is 0.1: learned something in 20 steps
+
+
+def test_data_parallel_execution_matches_simulation(exact_run):
+    result, _ = exact_run
+    dp = train.train_and_evaluate(tiny_digits(execution="data_parallel"), None, verbose=False)
+    for a, b in zip(result["history"], dp["history"]):
+        np.testing.assert_allclose(a["test_loss"], b["test_loss"], rtol=1e-4)
+        assert a["bytes_per_worker"] == b["bytes_per_worker"]
+
+
+def test_compare_prints_table_and_writes_outputs(tmp_path, capsys):
+    cfg = compare_config.get_config()
+    cfg.base = tiny_digits()
+    cfg.methods = "exact_mean,local_only"
+    cfg.target_accuracy = 0.3
+    rows = compare.run_comparison(cfg, str(tmp_path))
+    out = capsys.readouterr().out
+    assert "exact_mean" in out and "local_only" in out and "MiB/worker" in out
+    assert rows[1]["bytes_per_worker"] == 0
+    assert rows[0]["time_to_target"] is not None
+    assert (tmp_path / "results.json").exists() and (tmp_path / "plot.png").exists()
+
+
+def test_charlm_config_builds_and_steps():
+    c = charlm_config.get_config()
+    c.update(dict(dim=16, heads=2, layers=1, seq_len=16, eval_windows=4, steps=2, eval_every=2))
+    c.num_workers = 2
+    c.batch_size = 2
+    result = train.train_and_evaluate(c, None, verbose=False)
+    assert np.isfinite(result["summary"]["test_perplexity"])
+    assert result["summary"]["test_perplexity"] < 128 * 1.5  # near-uniform at worst
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(ValueError, match="Unknown method 'nope'"):
+        train.train_and_evaluate(tiny_digits(method="nope"), None, verbose=False)
+
+
+def test_jax_sees_eight_devices():
+    assert len(jax.devices()) == 8 and optdist.num_workers(None) == 1
