@@ -21,8 +21,9 @@ def plot_runs(histories: dict[str, list[dict]], path: str, metric: str = "test_a
     axes[0].set(xlabel="step", ylabel="train loss", yscale="log")
     axes[1].set(xlabel="step", ylabel=metric)
     axes[2].set(xlabel="MiB sent per worker", ylabel=metric, xscale="log")
-    axes[1].legend(fontsize=8)
-    axes[2].legend(fontsize=8)
+    for ax in axes[1:]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -23,4 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.execution = "simulate"
     c.skip_nonfinite = True
+    c.checkpoint_every = 0  # steps between checkpoints (a multiple of eval_every); 0: none
+    c.keep_checkpoints = 2
     return c

@@ -19,5 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.execution = "simulate"  # or "data_parallel"
     c.skip_nonfinite = True
+    c.checkpoint_every = 0  # steps between checkpoints (a multiple of eval_every); 0: none
+    c.keep_checkpoints = 2
     c.classes_per_worker = ml_collections.FieldReference(None, field_type=int)
     return c
