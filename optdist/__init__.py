@@ -1,6 +1,6 @@
 """optdist: composable optax transforms for distributed, communication-efficient training."""
 
-from optdist import comm
+from optdist import comm, outer
 from optdist.comm import (
     ByteCounter,
     Channel,
@@ -20,6 +20,21 @@ from optdist.execution import (
     worker_specs,
 )
 from optdist.nonfinite import SkipNonFiniteState, skip_nonfinite
+from optdist.outer import (
+    async_local_sgd,
+    delayed_nesterov,
+    diloco,
+    fedadagrad,
+    fedadam,
+    fedavg,
+    fedyogi,
+    local_adaptive,
+    local_sgd,
+    outer_loop,
+    qsr_sync_every,
+    scaffold,
+    streaming_diloco,
+)
 
 __version__ = "0.1.0"
 
@@ -29,6 +44,20 @@ __all__ = [
     "UnboundAxisError",
     "bytes_sent",
     "comm",
+    "outer",
+    "async_local_sgd",
+    "delayed_nesterov",
+    "diloco",
+    "fedadagrad",
+    "fedadam",
+    "fedavg",
+    "fedyogi",
+    "local_adaptive",
+    "local_sgd",
+    "outer_loop",
+    "qsr_sync_every",
+    "scaffold",
+    "streaming_diloco",
     "data_parallel",
     "is_replicated",
     "mean_gradients",

@@ -1,0 +1,43 @@
+"""Local-update outer loops: Local SGD, (Streaming) DiLoCo, FedOpt, SCAFFOLD, local adaptive scaling,
+Delayed Nesterov and an asynchronous Local-SGD simulator, QSR."""
+
+from optdist.outer.async_local_sgd import AsyncLocalSGDState, async_local_sgd
+from optdist.outer.delayed_nesterov import DelayedNesterovState, delayed_nesterov, delayed_nesterov_outer
+from optdist.outer.diloco import diloco
+from optdist.outer.fedopt import ScaleByFedOptState, fedadagrad, fedadam, fedavg, fedyogi, scale_by_fedopt
+from optdist.outer.local_adaptive import RoundScalingState, local_adaptive, scale_by_round_scaling
+from optdist.outer.local_sgd import local_sgd
+from optdist.outer.outer_loop import Aggregator, OuterLoopState, SyncHook, mean_aggregator, outer_loop
+from optdist.outer.scaffold import ScaffoldState, scaffold, scaffold_correction
+from optdist.outer.schedules import qsr_sync_every
+from optdist.outer.streaming_diloco import StreamingDiLoCoState, streaming_diloco
+
+__all__ = [
+    "Aggregator",
+    "AsyncLocalSGDState",
+    "DelayedNesterovState",
+    "OuterLoopState",
+    "RoundScalingState",
+    "ScaffoldState",
+    "ScaleByFedOptState",
+    "StreamingDiLoCoState",
+    "SyncHook",
+    "async_local_sgd",
+    "delayed_nesterov",
+    "delayed_nesterov_outer",
+    "diloco",
+    "fedadagrad",
+    "fedadam",
+    "fedavg",
+    "fedyogi",
+    "local_adaptive",
+    "local_sgd",
+    "mean_aggregator",
+    "outer_loop",
+    "qsr_sync_every",
+    "scaffold",
+    "scaffold_correction",
+    "scale_by_fedopt",
+    "scale_by_round_scaling",
+    "streaming_diloco",
+]

@@ -1,0 +1,388 @@
+"""The local-update outer loop: H inner steps per worker, then one outer step on the shared anchor.
+
+Every local-update method in :mod:`optdist.outer` (Local SGD, DiLoCo, FedOpt,
+SCAFFOLD, local adaptive scaling, Delayed Nesterov) is this loop with a
+particular inner optimizer, outer optimizer and, for SCAFFOLD and the local
+adaptive methods, a :class:`SyncHook` that exchanges extra statistics at the
+synchronization step.
+
+Sign convention: the pseudo-gradient is DiLoCo's ``Δ_i = θ_anchor − θ_i``
+(a descent direction the outer optimizer *minimizes* along, so
+``optax.sgd(1.0)`` moves the anchor to the mean of the workers).  The FedOpt
+papers write the server step on ``mean(θ_i − θ) = −Δ``; see
+:mod:`optdist.outer.fedopt`.
+
+The sync gate
+-------------
+The synchronization branch (aggregation collectives + outer step) runs under
+``lax.cond``.  This was checked to work with collectives inside the branch in
+all three execution modes (``vmap`` with an axis name, ``shard_map``, ``pmap``),
+and it is what makes the method cheap on real hardware: with one worker per
+device (``shard_map``/``pmap``) the all-reduce is really skipped on non-sync
+steps.  The predicate depends only on the step count, which is identical on
+every worker, so every worker takes the same branch (required for a
+collective inside a branch).  Cost: under ``vmap`` (``optdist.simulate`` and
+``data_parallel`` with several simulated workers per device) the predicate
+is batched, JAX turns the ``cond`` into a select and both branches are
+computed every step — the simulated all-reduce and outer step run on every
+step although their result is discarded (compute only; bytes are still
+counted on sync steps only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from optdist import _checks
+from optdist.comm.accounting import ByteCounter
+from optdist.comm.axes import AxisName, validate_axis_name
+from optdist.comm.channel import Channel
+
+SyncEvery = int | Callable[[jax.Array], jax.Array]
+_MAX_PERIOD = 2**30  # an 'infinite' H (e.g. QSR at lr = 0) is clipped here
+
+
+class Aggregator(Protocol):
+    """Turns every worker's pseudo-gradient into one (identical) estimate of their mean.
+
+    Called inside ``update`` on the sync step as ``aggregator(deltas, channel)``,
+    or, with partial participation, ``aggregator(deltas, channel, weights=w)``
+    where ``w`` is this worker's float32 weight (1 participant, 0 not); it
+    must then average over participants only. All communication goes through
+    ``channel`` so its bytes are counted. Robust aggregators and stateless
+    compressed means plug in through this slot (it holds no state, so a
+    compressor with an error-feedback residual needs a state slot not yet here).
+    """
+
+    def __call__(self, deltas: Any, channel: Channel, *, weights: jax.Array | None = None) -> Any: ...
+
+
+def mean_aggregator(deltas: Any, channel: Channel, *, weights: jax.Array | None = None) -> Any:
+    r"""The exact mean of the pseudo-gradients (the default aggregator).
+
+    Without weights: one ``pmean`` (ring all-reduce of the parameter bytes).
+    With weights ``w_i``: ``Σ w_i Δ_i / max(Σ w_i, 1)`` — one ``psum`` of the
+    weighted tree and the weight packed together (parameter bytes plus one
+    float32 element per all-reduce bucket). An all-zero weight gives zeros.
+    """
+    if weights is None:
+        return channel.pmean(deltas)
+    weighted = jax.tree_util.tree_map(lambda d: d * weights.astype(d.dtype), deltas)
+    total, count = channel.psum((weighted, weights.astype(jnp.float32)))
+    count = jnp.maximum(count, 1.0)
+    return jax.tree_util.tree_map(lambda t: (t / count.astype(t.dtype)).astype(t.dtype), total)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncHook:
+    """Extra statistics some methods exchange at the sync step (SCAFFOLD's control variates...).
+
+    Attributes:
+      payload: ``(inner_state, delta_i, round_steps) -> tree``: this worker's
+        contribution, computed after the inner update of the sync step.
+      apply: ``(inner_state, payload_i, payload_sum, num_participants,
+        num_workers, participates, round_steps) -> inner_state``: the new
+        inner state given this worker's payload and the sum of the
+        participants' payloads (one ``psum``, counted). ``participates`` is
+        this worker's bool flag; ``num_workers`` a static int.
+    """
+
+    payload: Callable[[Any, Any, jax.Array], Any]
+    apply: Callable[[Any, Any, Any, jax.Array, int, jax.Array, jax.Array], Any]
+
+
+class OuterLoopState(NamedTuple):
+    """State of :func:`outer_loop`.
+
+    Attributes:
+      count: inner steps taken (identical on every worker).
+      since_sync: inner steps since the last sync (identical).
+      round_length: ``H`` of the current round, from ``sync_every`` at the
+        round's first step (identical).
+      rounds: completed sync rounds (identical).
+      skipped_rounds: sync rounds skipped because nobody participated (identical).
+      anchor: the shared parameters ``θ`` of the last sync (identical).
+      outer_state: the outer optimizer's state (identical).
+      inner_state: the inner optimizer's state (**per worker**).
+      bytes_sent: bytes this worker has sent (identical).
+    """
+
+    count: jax.Array
+    since_sync: jax.Array
+    round_length: jax.Array
+    rounds: jax.Array
+    skipped_rounds: jax.Array
+    anchor: Any
+    outer_state: Any
+    inner_state: Any
+    bytes_sent: ByteCounter
+
+
+def _validate_sync_every(sync_every: Any) -> SyncEvery:
+    if callable(sync_every):
+        try:
+            h0 = sync_every(jnp.zeros((), jnp.int32))
+            h0 = int(np.asarray(h0))
+        except (jax.errors.ConcretizationTypeError, TypeError):
+            return sync_every  # only known under tracing; clipped to >= 1 at run time
+        if h0 < 1:
+            raise ValueError(f"sync_every must give a period >= 1; the schedule gives {h0} at step 0.")
+        return sync_every
+    return _checks.positive_int(sync_every, "sync_every")
+
+
+def _round_length(sync_every: SyncEvery, step: jax.Array) -> jax.Array:
+    if callable(sync_every):
+        h = jnp.asarray(sync_every(step))
+        if not jnp.issubdtype(h.dtype, jnp.integer):
+            h = jnp.floor(jnp.nan_to_num(h, nan=1.0, posinf=_MAX_PERIOD))
+        return jnp.clip(h, 1, _MAX_PERIOD).astype(jnp.int32)
+    return jnp.asarray(sync_every, jnp.int32)
+
+
+def _validate_participation(
+    participation: Any, num_participants: Any
+) -> tuple[np.ndarray | None, int | None]:
+    """Static participation: a [rounds, n] (or [n]) bool table, or a sample size per round."""
+    if participation is not None and num_participants is not None:
+        raise ValueError("Pass either participation (a fixed mask) or num_participants (sampling), not both.")
+    if num_participants is not None:
+        return None, _checks.positive_int(num_participants, "num_participants")
+    if participation is None:
+        return None, None
+    table = np.asarray(participation)
+    if table.dtype != np.bool_ or table.ndim not in (1, 2) or table.size == 0:
+        raise ValueError(
+            "participation must be a boolean array of shape [num_workers] or [num_rounds, num_workers]; "
+            f"got dtype {table.dtype} and shape {table.shape}."
+        )
+    table = np.atleast_2d(table)
+    empty = np.flatnonzero(~table.any(axis=1))
+    if empty.size:
+        raise ValueError(
+            f"participation has an empty participant set in round(s) {empty.tolist()}: every round needs "
+            "at least one participating worker."
+        )
+    return table, None
+
+
+def _participates(
+    table: np.ndarray | None, sample: int | None, seed: int, rounds: jax.Array, channel: Channel
+) -> jax.Array | None:
+    """This worker's participation flag for the current round (None: everyone participates)."""
+    if table is None and sample is None:
+        return None
+    n = channel.size
+    if table is not None:
+        if table.shape[1] != n:
+            raise ValueError(f"participation has {table.shape[1]} columns but there are {n} workers.")
+        return jnp.asarray(table)[rounds % table.shape[0], channel.index]
+    if sample > n:
+        raise ValueError(f"num_participants={sample} exceeds the {n} workers.")
+    # The same key on every worker (seed and round only): all agree on the sample.
+    key = jax.random.fold_in(jax.random.key(seed), rounds)
+    order = jax.random.permutation(key, n)
+    return jnp.any(order[:sample] == channel.index)
+
+
+def outer_loop(
+    inner: optax.GradientTransformation,
+    outer: optax.GradientTransformation,
+    sync_every: SyncEvery,
+    axis_name: AxisName,
+    aggregator: Aggregator | None = None,
+    reset_inner_state: bool = False,
+    *,
+    participation: Sequence[Sequence[bool]] | np.ndarray | None = None,
+    num_participants: int | None = None,
+    seed: int = 0,
+    sync_hook: SyncHook | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Runs ``inner`` locally on each worker and an ``outer`` step on the shared anchor every ``H`` steps.
+
+    Per step, on worker ``i`` with parameters ``θ_i`` and gradient ``g_i``:
+
+    .. math::
+
+        u_i, s_i &\leftarrow \mathrm{inner}(g_i, s_i, θ_i), \qquad θ_i' = θ_i + u_i \\
+        \text{sync step:}\quad Δ_i &= θ - θ_i', \qquad Δ = \mathrm{aggregate}(\{Δ_i\}) \\
+        v, s_{out} &\leftarrow \mathrm{outer}(Δ, s_{out}, θ), \qquad θ \leftarrow θ + v
+
+    and the returned update is ``u_i`` on non-sync steps and ``θ - θ_i`` on
+    sync steps (so every worker's parameters become the new anchor, up to
+    one float rounding of ``θ_i + (θ − θ_i)``). A step is a sync step when
+    it completes a round of ``H`` inner steps; ``H`` is ``sync_every`` or, for
+    a schedule, ``sync_every(t)`` evaluated at the round's first step ``t``
+    (so :func:`optdist.outer.qsr_sync_every` fixes ``H`` per round, as QSR does).
+
+    With ``outer = optax.sgd(1.0)`` the anchor becomes the workers' mean
+    (Local SGD); ``H = 1`` is then synchronous data-parallel training.
+
+    Partial participation: with ``participation`` (a fixed ``[num_rounds,
+    num_workers]`` boolean table, cycled) or ``num_participants`` (a uniform
+    sample without replacement per round, from ``seed`` and the round index,
+    identical on every worker), and/or the per-call extra argument
+    ``participating=<bool>`` (this worker's flag at the sync step; e.g. a
+    worker that dropped out mid-round passes False), ``Δ`` is the mean over
+    participants only. A round in which nobody participates is skipped:
+    the anchor and outer state stay, every worker returns to the anchor, and
+    ``skipped_rounds`` counts it. Non-participants still join the all-reduce
+    (sending zeros), as they would in a real ring.
+
+    State placement: the inner state is per worker; the anchor, outer state
+    and counters are identical on every worker.
+
+    Bytes: zero on non-sync steps. On a sync step, what the aggregator sends
+    (default: one ring all-reduce of the parameters, ``2 (n-1) ceil(E/n) s``;
+    with participation, one ``psum`` of the parameters plus a float32 weight,
+    and one 4-byte all-reduce of the participant count), plus the sync
+    hook's payload all-reduce if any.
+
+    Non-finite policy: a NaN/Inf in one worker's pseudo-gradient reaches the
+    anchor of every worker at the sync. Wrap the transform in
+    :func:`optdist.skip_nonfinite` (same axis) to skip such a step on every
+    worker — it keeps the previous state, anchor and outer state included.
+
+    Args:
+      inner: the local optimizer (a full optimizer producing updates, e.g.
+        ``optax.adamw(1e-3)``), applied to this worker's gradient.
+      outer: the outer optimizer, fed the aggregated pseudo-gradient ``Δ``
+        as its gradient and the anchor as its params.
+      sync_every: ``H >= 1`` (int) or a schedule ``step -> H`` (traced
+        step; values below 1 are clipped to 1 at run time).
+      axis_name: the worker axis, or None for one worker.
+      aggregator: ``(deltas, channel[, weights=]) -> mean estimate``; default
+        :func:`mean_aggregator`.
+      reset_inner_state: re-initialize the inner state at every sync (DiLoCo
+        keeps it: default False).
+      participation: fixed participation table, ``[num_workers]`` or
+        ``[num_rounds, num_workers]`` booleans; no round may be empty.
+      num_participants: sample this many workers per round instead.
+      seed: seed of the participation sampling.
+      sync_hook: extra statistics to exchange at sync (used by SCAFFOLD and
+        the local adaptive methods).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` accepts the
+      extra argument ``participating`` (bool, this worker).
+
+    Example::
+
+      tx = optdist.outer_loop(optax.adamw(1e-3), optax.sgd(0.7, momentum=0.9, nesterov=True),
+                              sync_every=50, axis_name="data")
+      params_w, state_w = optdist.replicate((params, tx.init(params)), 8)
+      step = optdist.simulate(train_step, "data")   # train_step applies tx.update
+
+    References:
+      Stich, "Local SGD Converges Fast and Communicates Little", 2019.
+      Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language Models", 2023.
+      Reddi et al., "Adaptive Federated Optimization", 2021.
+    """
+    axis_name = validate_axis_name(axis_name)
+    sync_every = _validate_sync_every(sync_every)
+    table, sample = _validate_participation(participation, num_participants)
+    if not isinstance(reset_inner_state, bool):
+        raise TypeError(f"reset_inner_state must be a bool; got {reset_inner_state!r}.")
+    aggregator = mean_aggregator if aggregator is None else aggregator
+    if not callable(aggregator):
+        raise TypeError(f"aggregator must be callable (deltas, channel) -> mean; got {aggregator!r}.")
+    inner = optax.with_extra_args_support(inner)
+    outer = optax.with_extra_args_support(outer)
+
+    def init_fn(params):
+        zero = jnp.zeros((), jnp.int32)
+        return OuterLoopState(
+            count=zero,
+            since_sync=zero,
+            round_length=_round_length(sync_every, zero),
+            rounds=zero,
+            skipped_rounds=zero,
+            anchor=jax.tree_util.tree_map(jnp.asarray, params),
+            outer_state=outer.init(params),
+            inner_state=inner.init(params),
+            bytes_sent=ByteCounter.zeros(axis_name),
+        )
+
+    def update_fn(updates, state, params=None, *, participating=None, **extra_args):
+        if params is None:
+            raise ValueError("outer_loop needs params in update(grads, state, params).")
+        _checks.check_same_structure(updates, params, "params")
+        u, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        local = jax.tree_util.tree_map(lambda p, d: (p + d).astype(p.dtype), params, u)
+        is_sync = state.since_sync + 1 >= state.round_length
+        nbytes = []  # the sync branch's byte tally, known once it is traced
+
+        # The inner state goes through the gate only if the sync step changes it
+        # (under vmap every gated leaf costs a select per step).
+        gate_inner = sync_hook is not None or reset_inner_state
+
+        def sync(operands):
+            inner_state, anchor, outer_state = operands
+            channel = Channel(axis_name)
+            flag = _participates(table, sample, seed, state.rounds, channel)
+            if participating is not None:
+                given = jnp.asarray(participating, bool)
+                flag = given if flag is None else jnp.logical_and(flag, given)
+            deltas = jax.tree_util.tree_map(lambda a, x: a - x, anchor, local)
+            round_steps = state.since_sync + 1
+            if flag is None:
+                delta = aggregator(deltas, channel)
+                count, ok = jnp.asarray(channel.size, jnp.float32), jnp.asarray(True)
+                flag = jnp.asarray(True)
+            else:
+                weight = flag.astype(jnp.float32)
+                delta = aggregator(deltas, channel, weights=weight)
+                count = channel.psum(weight)
+                ok = count > 0
+            if sync_hook is not None:
+                mine = sync_hook.payload(inner_state, deltas, round_steps)
+                mine_w = jax.tree_util.tree_map(lambda x: x * flag.astype(x.dtype), mine)
+                total = channel.psum(mine_w)
+                hooked = sync_hook.apply(inner_state, mine, total, count, channel.size, flag, round_steps)
+                inner_state = jax.tree_util.tree_map(
+                    lambda new, old: jnp.where(ok, new, old), hooked, inner_state
+                )
+            step, new_outer = outer.update(delta, outer_state, anchor)
+            new_anchor = optax.apply_updates(anchor, step)
+            new_anchor = jax.tree_util.tree_map(lambda n, a: jnp.where(ok, n, a), new_anchor, anchor)
+            new_outer = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_outer, outer_state)
+            if reset_inner_state:
+                inner_state = inner.init(new_anchor)
+            to_anchor = jax.tree_util.tree_map(lambda a, p: (a - p).astype(p.dtype), new_anchor, params)
+            nbytes.append(channel.nbytes)
+            return to_anchor, inner_state, new_anchor, new_outer, jnp.logical_not(ok).astype(jnp.int32)
+
+        def local_step(operands):
+            inner_state, anchor, outer_state = operands
+            return u, inner_state, anchor, outer_state, jnp.zeros((), jnp.int32)
+
+        gated_inner = inner_state if gate_inner else None
+        out, gated_inner, anchor, outer_state, skipped = lax.cond(
+            is_sync, sync, local_step, (gated_inner, state.anchor, state.outer_state)
+        )
+        inner_state = gated_inner if gate_inner else inner_state
+        next_count = state.count + 1
+        new_state = OuterLoopState(
+            count=next_count,
+            since_sync=jnp.where(is_sync, 0, state.since_sync + 1).astype(jnp.int32),
+            round_length=jnp.where(is_sync, _round_length(sync_every, next_count), state.round_length).astype(
+                jnp.int32
+            ),
+            rounds=state.rounds + is_sync.astype(jnp.int32),
+            skipped_rounds=state.skipped_rounds + skipped,
+            anchor=anchor,
+            outer_state=outer_state,
+            inner_state=inner_state,
+            bytes_sent=state.bytes_sent.add(nbytes[0] if nbytes else 0, where=is_sync),
+        )
+        return out, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
