@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import jax.numpy as jnp
 import optax
 
 import optdist
@@ -21,14 +22,17 @@ class Method:
     build: Callable[[object, str], optax.GradientTransformation]
     communicates: bool = True
     description: str = ""
+    family: str = "mean"
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, communicates: bool = True, description: str = ""):
+def register(name: str, *, communicates: bool = True, description: str = "", family: str = "mean"):
+    """Adds ``fn(config, axis_name) -> transform`` under ``name``; ``family`` groups methods for tests."""
+
     def deco(fn):
-        METHODS[name] = Method(fn, communicates, description)
+        METHODS[name] = Method(fn, communicates, description, family)
         return fn
 
     return deco
@@ -51,10 +55,73 @@ def _exact_mean(config, axis_name):
     return optax.chain(optdist.mean_gradients(axis_name), base_optimizer(config))
 
 
-@register("local_only", communicates=False, description="each worker trains alone; no communication")
+@register("local_only", communicates=False, description="each worker trains alone", family="local")
 def _local_only(config, axis_name):
     del axis_name
     return base_optimizer(config)
+
+
+# Local-update outer loops (issue 5). ``config.sync_every`` sets H where the name has none.
+def _inner_lr(config):
+    return config.learning_rate
+
+
+for _h in (10, 50, 200):
+
+    def _diloco(config, axis_name, h=_h):
+        return optdist.diloco(
+            inner_lr=_inner_lr(config), sync_every=h, axis_name=axis_name, inner_weight_decay=0.0
+        )
+
+    register(
+        f"diloco_h{_h}", description=f"DiLoCo: inner AdamW, outer Nesterov(0.7, 0.9), H={_h}", family="outer"
+    )(_diloco)
+
+
+@register("local_sgd_h10", description="Local SGD: base optimizer locally, average every 10", family="outer")
+def _local_sgd(config, axis_name):
+    return optdist.local_sgd(base_optimizer(config), 10, axis_name)
+
+
+@register(
+    "streaming_diloco_h50",
+    description="Streaming DiLoCo: 2 fragments, H=50, tau=5, alpha=0.5",
+    family="outer",
+)
+def _streaming(config, axis_name):
+    return optdist.streaming_diloco(
+        _inner_lr(config),
+        50,
+        axis_name,
+        num_fragments=2,
+        delay=5,
+        alpha=0.5,
+        outer_dtype=jnp.bfloat16,
+        inner_weight_decay=0.0,
+    )
+
+
+@register(
+    "qsr_diloco", description="DiLoCo + QSR: H_t = max(10, (0.5 lr_0 / lr_t)^2), cosine lr", family="outer"
+)
+def _qsr(config, axis_name):
+    schedule = optax.cosine_decay_schedule(_inner_lr(config), config.steps, alpha=0.05)
+    return optdist.diloco(
+        inner_lr=schedule,
+        sync_every=optdist.qsr_sync_every(10, 0.5 * _inner_lr(config), schedule),
+        axis_name=axis_name,
+        inner_weight_decay=0.0,
+    )
+
+
+@register("fedavg_h10", description="FedAvg: client SGD, server lr 1.0, H=10", family="outer")
+def _fedavg(config, axis_name):
+    return optdist.fedavg(config.learning_rate, 1.0, 10, axis_name)
+
+
+@register("fedadam_h10", description="FedAdam: client SGD, server Adam(lr 0.01), H=10", family="outer")
+def _fedadam(config, axis_name):
+    return optdist.fedadam(config.learning_rate, 0.01, 10, axis_name)
 
 
 def build(config, axis_name: str = "data") -> optax.GradientTransformation:

@@ -1,6 +1,6 @@
 """optdist: composable optax transforms for distributed, communication-efficient training."""
 
-from optdist import comm, outer
+from optdist import comm, outer, robust
 from optdist.comm import (
     ByteCounter,
     Channel,
@@ -35,6 +35,7 @@ from optdist.outer import (
     scaffold,
     streaming_diloco,
 )
+from optdist.robust import aggregators, attacks, monna_sgd, robust_mean
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,11 @@ __all__ = [
     "bytes_sent",
     "comm",
     "outer",
+    "robust",
+    "aggregators",
+    "attacks",
+    "monna_sgd",
+    "robust_mean",
     "async_local_sgd",
     "delayed_nesterov",
     "diloco",

@@ -83,3 +83,17 @@ def test_worker_specs_and_is_replicated():
     specs = optdist.worker_specs(tree, "data")
     assert specs["a"] == jax.sharding.PartitionSpec("data")
     assert optdist.is_replicated(tree) == {"a": True, "b": False}
+
+
+def test_all_gather_order_matches_worker_index_across_devices_and_simulated_workers():
+    def gather(x):
+        return optdist.Channel("data").all_gather(optdist.worker_index("data")) + 0 * x
+
+    dp = optdist.data_parallel(gather, jax.make_mesh((8,), ("data",)), "data")(jnp.zeros(16))
+    np.testing.assert_array_equal(dp, np.tile(np.arange(16), (16, 1)))
+    two_axis = optdist.simulate(
+        lambda x: optdist.Channel(("a", "b")).all_gather(optdist.worker_index(("a", "b"))) + 0 * x,
+        ("a", "b"),
+        axis_sizes=(4, 4),
+    )(jnp.zeros(16))
+    np.testing.assert_array_equal(two_axis, np.tile(np.arange(16), (16, 1)))

@@ -22,6 +22,20 @@ from optdist.comm import accounting
 from optdist.comm.axes import AxisName, _unbound, num_workers, physical_axes, worker_index
 
 
+def _gather_row_major(tree: Any, axes: tuple[str, ...]) -> Any:
+    """``all_gather`` over several axes, row-major (worker index = ``axis_index(axes)``).
+
+    One axis at a time, innermost first: jax 0.10.2 rejects a single
+    all_gather over a shard_map axis together with a vmap axis.
+    """
+    def gather(x):
+        for axis in reversed(axes):
+            x = lax.all_gather(x, axis)
+        return x.reshape(-1, *x.shape[len(axes) :]) if len(axes) > 1 else x
+
+    return jax.tree_util.tree_map(gather, tree)
+
+
 class Channel:
     """Collectives over ``axis_name`` with an exact per-worker byte tally.
 
@@ -70,9 +84,7 @@ class Channel:
         """Every worker's ``tree``, stacked on a new leading axis of size ``n``."""
         if not self._axes:
             return jax.tree_util.tree_map(lambda x: x[None], tree)
-        return self._issue(
-            lambda t, axes: lax.all_gather(t, axes), tree, accounting.all_gather_bytes(tree, self.size)
-        )
+        return self._issue(_gather_row_major, tree, accounting.all_gather_bytes(tree, self.size))
 
     def ppermute(self, tree: Any, perm: Sequence[tuple[int, int]]) -> Any:
         """Sends ``tree`` along ``perm`` (pairs ``(source, destination)``).

@@ -1,0 +1,273 @@
+"""The compressor abstraction and the shared protocols compressors are built from.
+
+A :class:`Compressor` owns its whole communication protocol. Its ``aggregate``
+takes this worker's tree ``x`` (a gradient, or an error-corrected gradient)
+and returns an :class:`Aggregate`:
+
+* ``mean``: the decoded estimate of ``mean_i x_i`` (identical on all workers);
+* ``local``: what this worker's own message decodes to (error feedback
+  subtracts it to form the residual; for PowerSGD it is the *globally*
+  decoded value, as in the paper);
+* ``state``: the compressor's new state (documented per compressor as shared
+  or per worker);
+* ``bytes_sent``: the byte counter after every collective it issued.
+
+Two builders cover the element-wise compressors, so protocol code is written
+once:
+
+* :func:`summable`: the payload is linear in ``x`` (shared scale, shared
+  random coordinates), so ``mean = decode(psum(payload)) / n`` — one
+  all-reduce, in which the uncompressed leaves travel too;
+* :func:`gathered`: payloads are all-gathered (one collective for the tree)
+  and ``mean = combine_j decode(payload_j)`` (mean by default).
+
+Scalars, and leaves whose compression rate (leaf bytes / payload bytes, from
+the real encoded arrays) is below ``min_compression_rate``, skip compression
+and go through one plain all-reduce mean together. (Vectors are compressed by
+the element-wise compressors when that saves bytes; PowerSGD needs matrices.) All byte counts come from
+:class:`optdist.comm.Channel` on the real payload arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optdist.comm.accounting import ByteCounter, payload_bytes
+from optdist.comm.channel import Channel
+
+
+class Aggregate(NamedTuple):
+    """What a compressor's ``aggregate`` returns (see the module docstring)."""
+
+    mean: Any
+    local: Any
+    state: Any
+    bytes_sent: ByteCounter
+
+
+class Compressor(NamedTuple):
+    """A gradient compressor with its aggregation protocol (optax style: a tuple of functions).
+
+    Attributes:
+      init: ``init(params) -> state``.
+      aggregate: ``aggregate(x, state, key, step, bytes_sent, axis_name) -> Aggregate``.
+        ``key`` is identical on every worker (seed + step); compressors that need
+        per-worker randomness fold in the worker index themselves. ``step`` is the
+        step count (int32 scalar).
+      name: a short human-readable name, e.g. ``"top_k(0.01)"``.
+    """
+
+    init: Callable[[Any], Any]
+    aggregate: Callable[..., Aggregate]
+    name: str
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+    """Low-precision gradients are compressed in float32 (at least)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def smallest_int(max_abs: int, signed: bool = True) -> np.dtype:
+    """The smallest integer dtype holding ``[-max_abs, max_abs]`` (or ``[0, max_abs]``)."""
+    for bits in (8, 16, 32):
+        info = np.iinfo(f"int{bits}" if signed else f"uint{bits}")
+        if max_abs <= info.max:
+            return np.dtype(info.dtype)
+    raise ValueError(f"{max_abs} does not fit a 32-bit integer.")
+
+
+def pack_bits(bits: jax.Array) -> jax.Array:
+    """Packs a boolean vector into uint8 words, 8 per byte (little-endian bit order)."""
+    return jnp.packbits(bits.astype(jnp.uint8), bitorder="little")
+
+
+def unpack_bits(packed: jax.Array, size: int) -> jax.Array:
+    """Inverse of :func:`pack_bits`: the first ``size`` bits as booleans."""
+    return jnp.unpackbits(packed, count=size, bitorder="little").astype(bool)
+
+
+def leaf_keys(key: jax.Array, num_leaves: int) -> list[jax.Array]:
+    """One key per leaf (identical on every worker when ``key`` is)."""
+    return [jax.random.fold_in(key, i) for i in range(num_leaves)]
+
+
+def private_key(key: jax.Array, channel: Channel) -> jax.Array:
+    """A key that differs per worker: ``fold_in(key, worker_index)``."""
+    return jax.random.fold_in(key, channel.index)
+
+
+def is_compressible(leaf: Any, encoded_nbytes: int, min_compression_rate: float) -> bool:
+    """Compress only if ``leaf bytes / payload bytes >= min_compression_rate`` (never a scalar)."""
+    size = math.prod(jnp.shape(leaf))
+    if size <= 1 or encoded_nbytes == 0:
+        return False
+    return size * jnp.dtype(leaf.dtype).itemsize / encoded_nbytes >= min_compression_rate
+
+
+def restore(leaf_like: Any, flat: jax.Array) -> jax.Array:
+    """A decoded flat vector back in the leaf's shape and dtype."""
+    return flat.reshape(jnp.shape(leaf_like)).astype(leaf_like.dtype)
+
+
+def _encoded_nbytes(encode: Callable, leaf: Any, *extra_specs: Any) -> int:
+    """Bytes of the payload ``encode`` produces for ``leaf`` (traced abstractly, nothing runs).
+
+    ``extra_specs`` are abstract extra arguments; a stateful encode returns
+    ``(payload, state)`` and only the payload is counted.
+    """
+    d = math.prod(jnp.shape(leaf))
+    spec = jax.ShapeDtypeStruct((d,), compute_dtype(leaf.dtype))
+    out = jax.eval_shape(encode, spec, jax.random.key(0), *extra_specs)
+    return payload_bytes(out[0] if extra_specs and isinstance(out, tuple) else out)
+
+
+def flatten_floating(x: Any, who: str) -> tuple[list[jax.Array], Any]:
+    leaves, treedef = jax.tree_util.tree_flatten(x)
+    for leaf in leaves:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise TypeError(f"{who} needs floating-point gradients; got a leaf of dtype {leaf.dtype}.")
+    return leaves, treedef
+
+
+def _flat(leaf: jax.Array) -> jax.Array:
+    return leaf.reshape(-1).astype(compute_dtype(leaf.dtype))
+
+
+_SCALAR = jax.ShapeDtypeStruct((), jnp.float32)  # abstract ``aux`` for sizing a summable payload
+
+
+def summable(
+    name: str,
+    encode: Callable[..., Any],
+    decode: Callable[..., jax.Array],
+    *,
+    prepare: Callable[[Sequence[jax.Array], Channel], Sequence[Any]] | None = None,
+    min_compression_rate: float = 1.0,
+) -> Compressor:
+    """A compressor whose payloads are summed by one all-reduce.
+
+    ``encode(x, key, aux) -> payload`` must be linear in ``x`` given the key and
+    ``aux`` (the same on every worker; a float32 scalar or unused), and ``decode(payload, size, aux)`` linear
+    in the payload, so that ``decode(sum_i payload_i) = sum_i decode(payload_i)``
+    (``decode(payload, size, key, aux)`` gets the same shared key, e.g. to rebuild
+    shared random coordinates that are never sent).
+    ``key`` is shared by all workers (so shared-seed coordinates agree).
+    ``prepare(flat_leaves, channel) -> aux per leaf`` may communicate first (e.g. a
+    shared scale from a ``pmax``); its bytes are counted too.
+
+    The uncompressed leaves travel in the same all-reduce (divided by ``n``).
+    The compressor is stateless (its state is ``()``).
+    """
+
+    def aggregate(x, state, key, step, bytes_sent, axis_name):
+        del step
+        leaves, treedef = flatten_floating(x, name)
+        channel = Channel(axis_name)
+        keys = leaf_keys(key, len(leaves))
+        compressed = [
+            i
+            for i, leaf in enumerate(leaves)
+            if is_compressible(leaf, _encoded_nbytes(encode, leaf, _SCALAR), min_compression_rate)
+        ]
+        plain = [i for i in range(len(leaves)) if i not in compressed]
+        flats = [_flat(leaves[i]) for i in compressed]
+        aux = list(prepare(flats, channel)) if (prepare is not None and flats) else [None] * len(flats)
+        payloads = [encode(f, keys[i], a) for f, i, a in zip(flats, compressed, aux)]
+        local = [decode(p, f.shape[0], keys[i], a) for p, f, i, a in zip(payloads, flats, compressed, aux)]
+        summed, plain_sum = channel.psum((payloads, [leaves[i] for i in plain]))
+        n = channel.size
+        mean_leaves = list(leaves)
+        local_leaves = list(leaves)
+        for j, i in enumerate(compressed):
+            mean_leaves[i] = restore(leaves[i], decode(summed[j], flats[j].shape[0], keys[i], aux[j]) / n)
+            local_leaves[i] = restore(leaves[i], local[j])
+        for j, i in enumerate(plain):
+            mean_leaves[i] = plain_sum[j] / jnp.asarray(n, plain_sum[j].dtype)
+        unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)
+        return Aggregate(unflat(mean_leaves), unflat(local_leaves), state, bytes_sent.add(channel.nbytes))
+
+    return Compressor(lambda params: (), aggregate, name)
+
+
+def mean_over_workers(decoded: jax.Array) -> jax.Array:
+    return jnp.mean(decoded, axis=0)
+
+
+def gathered(
+    name: str,
+    encode: Callable[..., Any],
+    decode: Callable[[Any, int], jax.Array],
+    *,
+    combine: Callable[[jax.Array], jax.Array] = mean_over_workers,
+    init_leaf: Callable[[jax.Array], Any] | None = None,
+    min_compression_rate: float = 1.0,
+) -> Compressor:
+    """A compressor whose payloads are all-gathered and decoded per worker.
+
+    ``encode(x, key) -> payload`` (stateless), or with ``init_leaf`` given,
+    ``encode(x, key, s) -> (payload, new_s)`` with a per-worker, per-leaf state
+    ``s = init_leaf(flat_leaf)``. ``key`` differs per worker (stochastic rounding).
+    ``decode(payload, size)`` returns the flat decoded vector; ``mean =
+    combine(stack_j decode(payload_j))`` (the mean by default; majority vote for
+    unscaled sign). One all-gather carries every compressed leaf; the plain
+    leaves go through one all-reduce mean.
+    """
+    stateful = init_leaf is not None
+
+    def plan(leaves):
+        def nbytes(leaf):
+            if not stateful:
+                return _encoded_nbytes(encode, leaf)
+            s = jax.eval_shape(init_leaf, jax.ShapeDtypeStruct((leaf.size,), compute_dtype(leaf.dtype)))
+            return _encoded_nbytes(encode, leaf, s)
+
+        return [
+            i for i, leaf in enumerate(leaves) if is_compressible(leaf, nbytes(leaf), min_compression_rate)
+        ]
+
+    def init(params):
+        if not stateful:
+            return ()
+        leaves = jax.tree_util.tree_leaves(params)
+        chosen = set(plan(leaves))
+        return tuple(init_leaf(_flat(leaf)) if i in chosen else None for i, leaf in enumerate(leaves))
+
+    def aggregate(x, state, key, step, bytes_sent, axis_name):
+        del step
+        leaves, treedef = flatten_floating(x, name)
+        channel = Channel(axis_name)
+        keys = [private_key(k, channel) for k in leaf_keys(key, len(leaves))]
+        compressed = plan(leaves)
+        plain = [i for i in range(len(leaves)) if i not in compressed]
+        new_state = list(state) if stateful else state
+        payloads = []
+        for i in compressed:
+            if stateful:
+                payload, new_state[i] = encode(_flat(leaves[i]), keys[i], state[i])
+            else:
+                payload = encode(_flat(leaves[i]), keys[i])
+            payloads.append(payload)
+        mean_leaves = list(leaves)
+        local_leaves = list(leaves)
+        if compressed:
+            stacked = channel.all_gather(payloads)
+            for j, i in enumerate(compressed):
+                size = leaves[i].size
+                decoded = jax.vmap(lambda p, size=size: decode(p, size))(stacked[j])
+                mean_leaves[i] = restore(leaves[i], combine(decoded))
+                local_leaves[i] = restore(leaves[i], decode(payloads[j], size))
+        if plain:
+            for i, m in zip(plain, channel.pmean([leaves[i] for i in plain])):
+                mean_leaves[i] = m
+        if stateful:
+            new_state = tuple(new_state)
+        unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)
+        return Aggregate(unflat(mean_leaves), unflat(local_leaves), new_state, bytes_sent.add(channel.nbytes))
+
+    return Compressor(init, aggregate, name)
