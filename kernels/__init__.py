@@ -1,6 +1,26 @@
 """Pallas kernels for optdist's hot paths, installed as ``optdist_kernels``.
 
-Every kernel here has a pure-JAX reference with identical semantics; optdist
-imports and runs without any kernel (XLA fallback). Kernels land with the
-kernels issue; this package is empty until then.
+Every kernel has a pure-JAX reference with identical semantics, which is also its XLA fallback, and a
+dispatcher argument ``impl="auto"|"pallas"|"xla"`` (see :mod:`optdist_kernels._dispatch`):
+
+* :func:`ef_quantize` / :func:`decode_accumulate`: fused error feedback + bucketed int8 / ternary /
+  scaled-sign quantization with bit packing, and the fused decode + accumulate.
+* :func:`ef_threshold_topk`: fused error feedback + sampled-threshold top-k into a fixed-capacity buffer.
+* :func:`batched_inverse_pth_root`: coupled Newton / Newton–Schulz inverse p-th roots of SPD blocks.
+
+Benchmark on a GPU with ``python -m optdist_kernels.bench``.
 """
+
+from optdist_kernels._dispatch import AUTO_BACKENDS, IMPLS
+from optdist_kernels.quantize import decode_accumulate, ef_quantize
+from optdist_kernels.roots import batched_inverse_pth_root
+from optdist_kernels.topk import ef_threshold_topk
+
+__all__ = [
+    "AUTO_BACKENDS",
+    "IMPLS",
+    "batched_inverse_pth_root",
+    "decode_accumulate",
+    "ef_quantize",
+    "ef_threshold_topk",
+]

@@ -28,6 +28,7 @@ def _gather_row_major(tree: Any, axes: tuple[str, ...]) -> Any:
     One axis at a time, innermost first: jax 0.10.2 rejects a single
     all_gather over a shard_map axis together with a vmap axis.
     """
+
     def gather(x):
         for axis in reversed(axes):
             x = lax.all_gather(x, axis)

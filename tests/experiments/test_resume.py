@@ -28,8 +28,12 @@ def strip_time(history):
     return [{k: v for k, v in r.items() if k != "wall_time"} for r in history]
 
 
+# One method per transform family (the first registered), so every family is covered.
+REPRESENTATIVES = list({m.family: name for name, m in reversed(list(methods.METHODS.items()))}.values())
+
+
 @pytest.mark.parametrize("execution", ["simulate", "data_parallel"])
-@pytest.mark.parametrize("method", sorted(methods.METHODS))
+@pytest.mark.parametrize("method", REPRESENTATIVES)
 def test_resume_is_bit_exact(tmp_path, method, execution):
     full = train.train_and_evaluate(resumable(method, 40, execution=execution), None, verbose=False)
     workdir = str(tmp_path)
