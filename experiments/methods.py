@@ -124,11 +124,68 @@ def _fedadam(config, axis_name):
     return optdist.fedadam(config.learning_rate, 0.01, 10, axis_name)
 
 
+# Byzantine robustness (issue 6): parametric names "robust/<attack>/<aggregator>[+nnm][+mom]",
+# with f = config.num_byzantine Byzantine workers (the first f).
+ATTACKS = {
+    "none": None,
+    "sign_flip": lambda: optdist.attacks.sign_flip(4.0),  # sends -4 g: reverses the plain mean at f=2/10
+    "ipm": lambda: optdist.attacks.ipm(10.0),  # Xie et al.'s large-epsilon IPM (reverses the mean)
+    "alie": lambda: optdist.attacks.alie(),
+    "gaussian": lambda: optdist.attacks.gaussian(1.0),
+    "mimic": lambda: optdist.attacks.mimic(),
+    "nan_inf": lambda: optdist.attacks.nan_inf(),
+}
+AGGREGATORS = {
+    "mean": lambda f: optdist.aggregators.mean(),
+    "median": lambda f: optdist.aggregators.median(),
+    "trimmed_mean": lambda f: optdist.aggregators.trimmed_mean(f),
+    "krum": lambda f: optdist.aggregators.krum(f),
+    "geometric_median": lambda f: optdist.aggregators.geometric_median(),
+    "centered_clip": lambda f: optdist.aggregators.centered_clip(tau=0.5, iters=3),
+    "monna": lambda f: optdist.aggregators.monna(f),
+    "flag": lambda f: optdist.aggregators.flag(),
+}
+
+
+def robust_method(name: str) -> Method:
+    """Parses ``robust/<attack>/<aggregator>[+nnm][+mom]`` into a :class:`Method`."""
+    try:
+        _, attack, agg = name.split("/")
+    except ValueError:
+        raise ValueError(
+            f"Robust methods are named robust/<attack>/<aggregator>[+nnm][+mom]; got {name!r}."
+        ) from None
+    agg, *flags = agg.split("+")
+    if attack not in ATTACKS or agg not in AGGREGATORS or set(flags) - {"nnm", "mom"}:
+        raise ValueError(
+            f"Unknown robust method {name!r}: attacks {sorted(ATTACKS)}, aggregators {sorted(AGGREGATORS)}, "
+            "options +nnm, +mom."
+        )
+
+    def build_fn(config, axis_name):
+        f = config.get("num_byzantine", 2)
+        parts = []
+        if "mom" in flags:  # worker momentum (per worker), aggregated instead of gradients
+            parts.append(optax.ema(0.9, debias=False))
+        if ATTACKS[attack] is not None:
+            parts.append(optdist.attacks.byzantine(ATTACKS[attack](), num_byzantine=f, axis_name=axis_name))
+        pre = optdist.aggregators.nnm(f) if "nnm" in flags else None
+        parts.append(optdist.robust_mean(AGGREGATORS[agg](f), axis_name, pre_aggregation=pre))
+        momentum = 0.0 if "mom" in flags else config.get("momentum", 0.9)
+        parts.append(optax.sgd(config.learning_rate, momentum=momentum or None))
+        return optax.chain(*parts)
+
+    return Method(build_fn, True, f"{agg} under {attack}", "robust")
+
+
 def build(config, axis_name: str = "data") -> optax.GradientTransformation:
     """The transform named by ``config.method``, wrapped in the agreed non-finite skip."""
-    if config.method not in METHODS:
-        raise ValueError(f"Unknown method {config.method!r}; choose one of {sorted(METHODS)}.")
-    method = METHODS[config.method]
+    if config.method.startswith("robust/"):
+        method = robust_method(config.method)
+    elif config.method in METHODS:
+        method = METHODS[config.method]
+    else:
+        raise ValueError(f"Unknown method {config.method!r}; choose one of {sorted(METHODS)} or robust/...")
     tx = method.build(config, axis_name)
     if config.get("skip_nonfinite", True):
         tx = optdist.skip_nonfinite(tx, axis_name if method.communicates else None)

@@ -1,6 +1,6 @@
 """Char-LM: synchronous AdamW vs DiLoCo (H = 10, 50, 200), Local SGD, Streaming DiLoCo, QSR.
 
-  python -m experiments.compare --config=experiments/configs/charlm_outer.py --workdir=runs/charlm_outer
+python -m experiments.compare --config=experiments/configs/charlm_outer.py --workdir=runs/charlm_outer
 """
 
 import ml_collections

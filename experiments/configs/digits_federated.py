@@ -1,6 +1,6 @@
 """Federated digits: a non-IID split (each worker sees 2 classes), FedAvg and FedAdam vs exact mean.
 
-  python -m experiments.compare --config=experiments/configs/digits_federated.py --workdir=runs/fed
+python -m experiments.compare --config=experiments/configs/digits_federated.py --workdir=runs/fed
 """
 
 import ml_collections
