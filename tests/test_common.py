@@ -1,0 +1,183 @@
+"""The common suite: every public transform passes the same checks (as optax's ``_common_test``).
+
+A new method joins ``REGISTRY`` with a small valid config and gets, for free:
+jit + ``lax.scan`` (state structure, shapes and dtypes stable across steps, so
+``lax.cond`` / ``optax.MultiSteps`` work), bfloat16 parameters, the three
+execution modes agreeing, the agreed non-finite skip, an orbax checkpoint
+round-trip, and a named error under an unbound axis.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import optdist
+from optdist import aggregators, attacks
+from tests.helpers import assert_trees_close, linear_loss, linear_problem
+
+WORKERS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    make: Callable[[str], optax.GradientTransformation]
+    # "gradient": outputs an (aggregated) gradient, chained with sgd; "update": outputs parameter updates.
+    output: str = "gradient"
+    # Documented non-finite policy: "skip" (the NaN reaches every worker, so skip_nonfinite skips the
+    # step everywhere) or "robust" (a robust aggregator discards the non-finite worker; no skip).
+    nonfinite: str = "skip"
+
+
+REGISTRY = {
+    "mean_gradients": Entry(lambda ax: optdist.mean_gradients(ax)),
+    "local_sgd": Entry(lambda ax: optdist.local_sgd(optax.sgd(0.1), 2, ax), "update"),
+    "diloco": Entry(lambda ax: optdist.diloco(0.01, sync_every=2, axis_name=ax), "update"),
+    "streaming_diloco": Entry(
+        lambda ax: optdist.streaming_diloco(0.01, 2, ax, num_fragments=2, delay=1, alpha=0.5), "update"
+    ),
+    "fedavg": Entry(lambda ax: optdist.fedavg(0.1, 1.0, 2, ax), "update"),
+    "fedadam": Entry(lambda ax: optdist.fedadam(0.1, 0.01, 2, ax), "update"),
+    "fedyogi": Entry(lambda ax: optdist.fedyogi(0.1, 0.01, 2, ax), "update"),
+    "scaffold": Entry(lambda ax: optdist.scaffold(0.1, 2, ax), "update"),
+    "local_adaptive": Entry(lambda ax: optdist.local_adaptive(0.01, 2, ax), "update"),
+    "delayed_nesterov": Entry(
+        lambda ax: optdist.delayed_nesterov(optax.sgd(0.1), 2, ax, buffer_size=2), "update"
+    ),
+    "robust_mean[mean]": Entry(lambda ax: optdist.robust_mean(aggregators.mean(), ax)),
+    "robust_mean[trimmed_mean]": Entry(
+        lambda ax: optdist.robust_mean(aggregators.trimmed_mean(1), ax), nonfinite="robust"
+    ),
+    "robust_mean[centered_clip+nnm]": Entry(
+        lambda ax: optdist.robust_mean(
+            aggregators.centered_clip(1.0), ax, pre_aggregation=aggregators.nnm(1)
+        ),
+        nonfinite="robust",
+    ),
+    "byzantine[alie]+median": Entry(
+        lambda ax: optax.chain(
+            attacks.byzantine(attacks.alie(), num_byzantine=1, axis_name=ax),
+            optdist.robust_mean(aggregators.median(), ax),
+        ),
+        # The poisoned worker plus the attacker are 2 of 4 (past the median's breakdown point): the
+        # aggregate is non-finite, so the safe outcome is the agreed skip.
+        nonfinite="skip",
+    ),
+}
+NAMES = sorted(REGISTRY)
+
+
+def full_tx(name, axis_name="data"):
+    entry = REGISTRY[name]
+    tx = entry.make(axis_name)
+    return optax.chain(tx, optax.sgd(0.1)) if entry.output == "gradient" else tx
+
+
+def step_fn(tx, poison=False):
+    def step(params, state, batch, bad):
+        grads = jax.grad(linear_loss)(params, batch)
+        if poison:
+            grads = jax.tree_util.tree_map(lambda g: jnp.where(bad, jnp.nan, g), grads)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def run_steps(tx, params, data, steps=3, runner=None, poison=None, dtype=jnp.float32):
+    params = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
+    params_w, state_w = optdist.replicate((params, tx.init(params)), WORKERS)
+    batches = optdist.shard_batch(data.astype(dtype), WORKERS)
+    bad = jnp.zeros(WORKERS, bool) if poison is None else poison
+    step = step_fn(tx, poison is not None)
+    runner = runner or optdist.simulate
+
+    def chunk(params, state, batch, bad):
+        def body(carry, _):
+            return step(*carry, batch, bad), None
+
+        return jax.lax.scan(body, (params, state), None, length=steps)[0]
+
+    return runner(chunk)(params_w, state_w, batches, bad)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return linear_problem(num_examples=32)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scan_keeps_state_structure_shapes_and_dtypes(problem, name):
+    params, data = problem
+    tx = full_tx(name)
+    params_w, state_w = run_steps(tx, params, data)
+    init_w = optdist.replicate(tx.init(params), WORKERS)
+    spec = lambda t: jax.tree_util.tree_map(lambda x: (jnp.shape(x), jnp.result_type(x)), t)  # noqa: E731
+    assert spec(state_w) == spec(init_w)
+    assert jax.tree_util.tree_structure(state_w) == jax.tree_util.tree_structure(init_w)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params_w))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_parameters_stay_bfloat16(problem, name):
+    params, data = problem
+    params_w, _ = run_steps(full_tx(name), params, data, steps=2, dtype=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(params_w)} == {jnp.dtype(jnp.bfloat16)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_three_execution_modes_agree(problem, name):
+    params, data = problem
+    tx = full_tx(name)
+    mesh = jax.make_mesh((WORKERS,), ("data",), devices=jax.devices()[:WORKERS])
+    sim = run_steps(tx, params, data)
+    dp = run_steps(tx, params, data, runner=lambda f: optdist.data_parallel(f, mesh, "data"))
+    pm = run_steps(tx, params, data, runner=lambda f: jax.pmap(f, axis_name="data"))
+    assert_trees_close(dp, sim, rtol=1e-5, atol=1e-6)
+    assert_trees_close(pm, sim, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(optdist.bytes_sent(dp[1]), optdist.bytes_sent(sim[1]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nonfinite_on_one_worker_is_skipped_on_every_worker(problem, name):
+    params, data = problem
+    tx = optdist.skip_nonfinite(full_tx(name), "data")
+    poison = jnp.array([False, True, False, False])
+    params_w, state_w = run_steps(tx, params, data, steps=2, poison=poison)
+    if REGISTRY[name].nonfinite == "skip":
+        assert_trees_close(params_w, optdist.replicate(params, WORKERS), rtol=0, atol=0)
+        np.testing.assert_array_equal(state_w.skipped, [2] * WORKERS)
+    else:  # the robust aggregator drops the poisoned worker and training goes on
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params_w))
+        assert not np.allclose(np.asarray(params_w["w"][0]), np.asarray(params["w"]))
+        np.testing.assert_array_equal(state_w.skipped, [0] * WORKERS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoint_round_trip(problem, name, tmp_path):
+    params, data = problem
+    _, state_w = run_steps(full_tx(name), params, data, steps=2)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "state", state_w)
+        ckpt.wait_until_finished()
+        restored = ckpt.restore(
+            tmp_path / "state", jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_w)
+        )
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state_w)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, state_w
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unbound_axis_is_named(problem, name):
+    params, data = problem
+    tx = full_tx(name, axis_name="workers")
+    grads = jax.grad(linear_loss)(params, data)
+    with pytest.raises(optdist.UnboundAxisError, match="workers"):
+        jax.jit(tx.update)(grads, tx.init(params), params)
