@@ -124,6 +124,32 @@ def _fedadam(config, axis_name):
     return optdist.fedadam(config.learning_rate, 0.01, 10, axis_name)
 
 
+# Preconditioning (issue 4): Shampoo after the exact mean, so statistics are identical on all workers.
+for _every in (1, 10):
+
+    def _shampoo(config, axis_name, every=_every):
+        return optax.chain(
+            optdist.mean_gradients(axis_name),
+            optdist.shampoo(
+                config.get("shampoo_learning_rate", config.learning_rate),
+                block_size=128,
+                beta2=0.999,
+                momentum=0.9,
+                weight_decay=config.get("weight_decay", 0.0),
+                precondition_every=every,
+                start_preconditioning_step=10,
+                grafting="adam",
+                matrix_epsilon=1e-6,
+            ),
+        )
+
+    register(
+        f"shampoo_every{_every}",
+        description=f"exact mean + Shampoo (Adam grafting), refresh {_every}",
+        family="preconditioning",
+    )(_shampoo)
+
+
 # Byzantine robustness (issue 6): parametric names "robust/<attack>/<aggregator>[+nnm][+mom]",
 # with f = config.num_byzantine Byzantine workers (the first f).
 ATTACKS = {

@@ -1,6 +1,6 @@
 """optdist: composable optax transforms for distributed, communication-efficient training."""
 
-from optdist import comm, outer, robust
+from optdist import comm, outer, preconditioning, robust
 from optdist.comm import (
     ByteCounter,
     Channel,
@@ -35,6 +35,13 @@ from optdist.outer import (
     scaffold,
     streaming_diloco,
 )
+from optdist.preconditioning import (
+    SHAMPOO_STATIC_ARGS,
+    ShampooState,
+    matrix_inverse_pth_root,
+    scale_by_shampoo,
+    shampoo,
+)
 from optdist.robust import aggregators, attacks, monna_sgd, robust_mean
 
 __version__ = "0.1.0"
@@ -47,6 +54,12 @@ __all__ = [
     "comm",
     "outer",
     "robust",
+    "preconditioning",
+    "SHAMPOO_STATIC_ARGS",
+    "ShampooState",
+    "matrix_inverse_pth_root",
+    "scale_by_shampoo",
+    "shampoo",
     "aggregators",
     "attacks",
     "monna_sgd",

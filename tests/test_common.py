@@ -49,6 +49,18 @@ REGISTRY = {
     "delayed_nesterov": Entry(
         lambda ax: optdist.delayed_nesterov(optax.sgd(0.1), 2, ax, buffer_size=2), "update"
     ),
+    "shampoo": Entry(
+        lambda ax: optax.chain(
+            optdist.mean_gradients(ax),
+            optdist.scale_by_shampoo(block_size=4, precondition_every=2, matrix_epsilon=1e-2),
+        )
+    ),
+    "shampoo[distributed roots]": Entry(
+        lambda ax: optax.chain(
+            optdist.mean_gradients(ax),
+            optdist.scale_by_shampoo(block_size=4, precondition_every=2, matrix_epsilon=1e-2, axis_name=ax),
+        )
+    ),
     "robust_mean[mean]": Entry(lambda ax: optdist.robust_mean(aggregators.mean(), ax)),
     "robust_mean[trimmed_mean]": Entry(
         lambda ax: optdist.robust_mean(aggregators.trimmed_mean(1), ax), nonfinite="robust"

@@ -327,31 +327,40 @@ def scale_by_shampoo(
 
         def refresh(args):
             own_pre, own_err, own_fail = args
+            # One batched root call per (side length, exponent) across all block shapes.
+            batches: dict[tuple[int, int], list[tuple[str, int]]] = {}
+            for key, shape in zip(keys, layout.groups):
+                for i, side in enumerate(shape):
+                    batches.setdefault((side, exponent(len(shape))), []).append((key, i))
+            roots = {}
+            for (_, p), members in batches.items():
+                stats = [own_stats[key][i].astype(cdt) for key, i in members]
+                root, err = matrix_inverse_pth_root(
+                    stats[0] if len(stats) == 1 else jnp.concatenate(stats),
+                    p,
+                    root_method,
+                    ridge_epsilon=matrix_epsilon,
+                    relative_epsilon=relative_epsilon,
+                    max_iters=root_max_iters,
+                    precision=precision,
+                )
+                ok = jnp.isfinite(err) & (err <= root_error_threshold) & jnp.all(jnp.isfinite(root), (-2, -1))
+                start = 0
+                for (key, i), stat in zip(members, stats):
+                    rows = slice(start, start + stat.shape[0])
+                    roots[key, i] = (root[rows], err[rows], ok[rows])
+                    start += stat.shape[0]
             pre_out, err_out, fail_out = {}, {}, {}
             for key, shape in zip(keys, layout.groups):
-                p = exponent(len(shape))
-                pres, errs = [], []
-                for i, stat in enumerate(own_stats[key]):
-                    root, err = matrix_inverse_pth_root(
-                        stat.astype(cdt),
-                        p,
-                        root_method,
-                        ridge_epsilon=matrix_epsilon,
-                        relative_epsilon=relative_epsilon,
-                        max_iters=root_max_iters,
-                        precision=precision,
-                    )
-                    ok = (
-                        jnp.isfinite(err)
-                        & (err <= root_error_threshold)
-                        & jnp.all(jnp.isfinite(root), (-2, -1))
-                    )
-                    old = own_pre[key][i]
-                    pres.append(jnp.where(ok[:, None, None], root.astype(old.dtype), old))
-                    errs.append((err.astype(own_err[key].dtype), (~ok).astype(jnp.int32)))
-                pre_out[key] = tuple(pres)
-                err_out[key] = jnp.stack([e for e, _ in errs], axis=1)
-                fail_out[key] = own_fail[key] + jnp.stack([f for _, f in errs], axis=1)
+                parts = [roots[key, i] for i in range(len(shape))]
+                pre_out[key] = tuple(
+                    jnp.where(ok[:, None, None], root.astype(old.dtype), old)
+                    for (root, _, ok), old in zip(parts, own_pre[key])
+                )
+                err_out[key] = jnp.stack([e for _, e, _ in parts], axis=1).astype(own_err[key].dtype)
+                fail_out[key] = own_fail[key] + jnp.stack([~ok for _, _, ok in parts], axis=1).astype(
+                    jnp.int32
+                )
             return pre_out, err_out, fail_out
 
         own_pre, own_err, own_fail = lax.cond(
