@@ -52,6 +52,8 @@ def skip_nonfinite(
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
     """
+    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+        raise TypeError(f"inner must be an optax.GradientTransformation; got {inner!r}.")
     axis_name = validate_axis_name(axis_name)
     inner = optax.with_extra_args_support(inner)
 

@@ -11,8 +11,8 @@ from experiments.configs import charlm
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.base = charlm.get_config()
-    c.base.steps = 1000
-    c.base.eval_every = 50
+    c.base.steps = 3000
+    c.base.eval_every = 250
     c.methods = "exact_mean,diloco_h10,diloco_h50,diloco_h200,local_sgd_h10,streaming_diloco_h50,qsr_diloco"
     c.target_accuracy = 0.5  # next-character accuracy on the validation text
     c.bandwidth_gbit = 1.0

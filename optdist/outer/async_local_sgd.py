@@ -15,6 +15,7 @@ from optdist import _checks
 from optdist.comm.accounting import ByteCounter, payload_bytes
 from optdist.comm.axes import AxisName, validate_axis_name
 from optdist.comm.channel import Channel
+from optdist.outer import _validate
 from optdist.outer.delayed_nesterov import delayed_nesterov_outer
 
 
@@ -112,7 +113,7 @@ def async_local_sgd(
     if dynamic_local_steps:
         steps = tuple(max(1, h * min(speeds) // k) for h, k in zip(steps, speeds))
     inner = optax.with_extra_args_support(inner)
-    outer = delayed_nesterov_outer(outer_lr, momentum, buffer_size)
+    outer = delayed_nesterov_outer(_validate.learning_rate(outer_lr, "outer_lr"), momentum, buffer_size)
     speeds_arr, steps_arr = np.asarray(speeds, np.int32), np.asarray(steps, np.int32)
 
     def init_fn(params):

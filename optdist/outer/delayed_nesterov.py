@@ -108,5 +108,5 @@ def delayed_nesterov(
       Liu, Chhaparia, Douillard, Kale, Rusu, Shen, Szlam, Ranzato,
       "Asynchronous Local-SGD Training for Language Modeling", 2024.
     """
-    outer = delayed_nesterov_outer(outer_lr, momentum, buffer_size)
+    outer = delayed_nesterov_outer(_validate.learning_rate(outer_lr, "outer_lr"), momentum, buffer_size)
     return outer_loop(inner, outer, sync_every, axis_name, **kwargs)

@@ -1,0 +1,84 @@
+"""Every public factory rejects bad hyperparameters at construction, naming the parameter.
+
+The table walks every public factory in ``optdist.__all__`` (a test checks none
+is missing) with values outside the allowed range.
+"""
+
+import inspect
+
+import jax.numpy as jnp
+import optax
+import pytest
+
+import optdist
+from optdist import aggregators, attacks
+
+SGD = optax.sgd(0.1)
+
+# (public name, call with a bad value, the parameter the message must name)
+BAD = [
+    ("mean_gradients", lambda: optdist.mean_gradients(3), "axis_name"),
+    ("mean_gradients", lambda: optdist.mean_gradients(("a", "a")), "axis_name"),
+    ("skip_nonfinite", lambda: optdist.skip_nonfinite(lambda g: g), "inner"),
+    ("replicate", lambda: optdist.replicate({"a": jnp.ones(2)}, 0), "num_workers"),
+    ("shard_batch", lambda: optdist.shard_batch(jnp.ones((6, 2)), 4), "worker count"),
+    ("simulate", lambda: optdist.simulate(lambda x: x, ("a", "b")), "axis_sizes"),
+    ("data_parallel", lambda: optdist.data_parallel(lambda x: x, _mesh(), "model"), "axis_name"),
+    ("outer_loop", lambda: optdist.outer_loop(SGD, optax.sgd(1.0), 0, "data"), "sync_every"),
+    ("local_sgd", lambda: optdist.local_sgd(SGD, -1, "data"), "sync_every"),
+    ("diloco", lambda: optdist.diloco(-1e-3, sync_every=10), "inner_lr"),
+    ("diloco", lambda: optdist.diloco(1e-3, outer_momentum=1.5), "outer_momentum"),
+    ("streaming_diloco", lambda: optdist.streaming_diloco(1e-3, 10, alpha=1.5), "alpha"),
+    ("fedavg", lambda: optdist.fedavg(0.1, -1.0, 10), "server_lr"),
+    ("fedadam", lambda: optdist.fedadam(0.1, 0.01, 0), "sync_every"),
+    ("fedyogi", lambda: optdist.fedyogi(0.1, 0.01, 10, tau=-1.0), "tau"),
+    ("fedadagrad", lambda: optdist.fedadagrad(-0.1, 0.01, 10), "client_lr"),
+    ("scaffold", lambda: optdist.scaffold(0.0, 10), "client_lr"),
+    ("local_adaptive", lambda: optdist.local_adaptive(0.1, 10, scaling="sgd"), "scaling"),
+    ("delayed_nesterov", lambda: optdist.delayed_nesterov(SGD, 10, buffer_size=0), "buffer_size"),
+    ("async_local_sgd", lambda: optdist.async_local_sgd(SGD, 2, [1, 2], outer_lr=-1.0), "outer_lr"),
+    ("qsr_sync_every", lambda: optdist.qsr_sync_every(0, 0.1, 0.01), "base"),
+    ("robust_mean", lambda: optdist.robust_mean("median", "data"), "aggregator"),
+    ("monna_sgd", lambda: optdist.monna_sgd(0.0, 1, "data"), "learning_rate"),
+    ("aggregators.trimmed_mean", lambda: aggregators.trimmed_mean(-1), "f"),
+    ("aggregators.centered_clip", lambda: aggregators.centered_clip(tau=0.0), "tau"),
+    ("aggregators.geometric_median", lambda: aggregators.geometric_median(max_iters=0), "max_iters"),
+    ("attacks.byzantine", lambda: attacks.byzantine(attacks.sign_flip(), num_byzantine=-1), "num_byzantine"),
+    ("scale_by_shampoo", lambda: optdist.scale_by_shampoo(block_size=0), "block_size"),
+    ("scale_by_shampoo", lambda: optdist.scale_by_shampoo(matrix_epsilon=-1.0), "matrix_epsilon"),
+    ("shampoo", lambda: optdist.shampoo(0.1, beta2=1.5), "beta2"),
+    ("matrix_inverse_pth_root", lambda: optdist.matrix_inverse_pth_root(jnp.eye(3), 0), "p"),
+    (
+        "matrix_inverse_pth_root",
+        lambda: optdist.matrix_inverse_pth_root(jnp.eye(3), 2, ridge_epsilon=-1.0),
+        "ridge_epsilon",
+    ),
+]
+
+# Public callables that are not factories with hyperparameters to validate.
+NOT_FACTORIES = {"bytes_sent", "is_replicated", "num_workers", "unreplicate", "worker_index", "worker_specs"}
+
+
+def _mesh():
+    import jax
+
+    return jax.make_mesh((8,), ("data",))
+
+
+@pytest.mark.parametrize("name,make,param", BAD, ids=[f"{n}:{p}" for n, _, p in BAD])
+def test_bad_hyperparameter_is_named(name, make, param):
+    with pytest.raises((ValueError, TypeError)) as info:
+        make()
+    assert param in str(info.value), f"{name}: message does not name {param!r}: {info.value}"
+
+
+def test_every_public_factory_is_in_the_table():
+    factories = {
+        n
+        for n in optdist.__all__
+        if callable(getattr(optdist, n))
+        and not inspect.isclass(getattr(optdist, n))
+        and n not in NOT_FACTORIES
+    }
+    covered = {n for n, _, _ in BAD}
+    assert factories <= covered, f"add bad-value rows for: {sorted(factories - covered)}"
