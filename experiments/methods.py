@@ -61,6 +61,35 @@ def _local_only(config, axis_name):
     return base_optimizer(config)
 
 
+# Gradient compression (issue 3): a compressed mean (optionally with error feedback), then the
+# base optimizer.
+def _compressed(make_compressor, feedback=None):
+    def build_fn(config, axis_name):
+        tx = optdist.compressed_mean(make_compressor(), axis_name, feedback=feedback)
+        return optax.chain(tx, base_optimizer(config))
+
+    return build_fn
+
+
+for _rank in (1, 2, 4):
+    register(f"powersgd_r{_rank}", description=f"PowerSGD rank {_rank} with EF", family="compression")(
+        lambda config, axis_name, r=_rank: optax.chain(optdist.powersgd(r, axis_name), base_optimizer(config))
+    )
+COMPRESSED = {
+    "topk_1pct_ef": (lambda: optdist.compressors.top_k(0.01), "ef", "top-k 1% with EF"),
+    "topk_1pct": (lambda: optdist.compressors.top_k(0.01), None, "top-k 1%, no feedback"),
+    "topk_1pct_ef21": (lambda: optdist.compressors.top_k(0.01), "ef21", "top-k 1% with EF21"),
+    "topk_1pct_econtrol": (lambda: optdist.compressors.top_k(0.01), "econtrol", "top-k 1% with EControl"),
+    "qsgd_8bit": (lambda: optdist.compressors.qsgd(127, 512), None, "QSGD 127 levels, buckets of 512"),
+    "terngrad": (lambda: optdist.compressors.terngrad(2.5), None, "TernGrad, clip 2.5 sigma"),
+    "sign_ef": (lambda: optdist.compressors.sign(scaled=True), "ef", "scaled sign with EF"),
+    "bf16": (lambda: optdist.compressors.cast(jnp.bfloat16), None, "bfloat16 cast"),
+    "demo": (lambda: optdist.compressors.demo(64, 8), None, "DeMo: DCT tiles of 64, top-8"),
+}
+for _name, (_make, _fb, _desc) in COMPRESSED.items():
+    register(_name, description=_desc, family="compression")(_compressed(_make, _fb))
+
+
 # Local-update outer loops (issue 5). ``config.sync_every`` sets H where the name has none.
 def _inner_lr(config):
     return config.learning_rate

@@ -1,6 +1,7 @@
 """optdist: composable optax transforms for distributed, communication-efficient training."""
 
 from optdist import comm, outer, preconditioning, robust
+from optdist import compression as compressors
 from optdist.comm import (
     ByteCounter,
     Channel,
@@ -19,6 +20,7 @@ from optdist.execution import (
     unreplicate,
     worker_specs,
 )
+from optdist.feedback import CompressedMeanState, compressed_mean, powersgd
 from optdist.nonfinite import SkipNonFiniteState, skip_nonfinite
 from optdist.outer import (
     async_local_sgd,
@@ -52,6 +54,10 @@ __all__ = [
     "UnboundAxisError",
     "bytes_sent",
     "comm",
+    "compressors",
+    "CompressedMeanState",
+    "compressed_mean",
+    "powersgd",
     "outer",
     "robust",
     "preconditioning",

@@ -32,22 +32,35 @@ def _is_counter(x: Any) -> bool:
     return isinstance(x, ByteCounter)
 
 
+def _any_nonfinite(tree: Any) -> jax.Array:
+    flags = [jnp.any(~jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.any(jnp.stack(flags)) if flags else jnp.array(False)
+
+
 def skip_nonfinite(
-    inner: optax.GradientTransformation, axis_name: AxisName = None
+    inner: optax.GradientTransformation, axis_name: AxisName = None, *, check_inputs: bool = True
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Runs ``inner``; if any worker's output is NaN/Inf, every worker skips the step.
+    r"""Runs ``inner``; if any worker's gradient or output is NaN/Inf, every worker skips the step.
 
     ``optax.apply_if_finite`` checks its *input* on each worker alone: with a
     communicating transform inside, a NaN from one worker reaches the others
     through the mean after their check, and their parameters become NaN while
     the faulty worker alone skips. This wrapper checks the inner transform's
-    *output* and agrees across workers (one all-reduce of a 4-byte flag, by
-    ``pmax``), so on a bad step every worker returns zero updates and keeps
-    its previous inner state — except byte counters, which keep what was sent.
+    *input* gradient and its *output* and agrees across workers (one
+    all-reduce of a 4-byte flag, by ``pmax``), so on a bad step every worker
+    returns zero updates and keeps its previous inner state — except byte
+    counters, which keep what was sent. Checking the input matters for
+    compressors that can drop a NaN coordinate silently (a sparsifier that does
+    not pick it, TernGrad whose NaN scale decodes to zeros).
+
+    With ``check_inputs=False`` only the output decides: use it with robust
+    aggregation, where a faulty worker's NaN is meant to be discarded by the
+    aggregator rather than stop training.
 
     Args:
       inner: the transform (usually the whole chain) to protect.
       axis_name: the worker axis to agree over, or None for one worker.
+      check_inputs: also skip when this worker's incoming gradient is non-finite.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -62,8 +75,9 @@ def skip_nonfinite(
 
     def update_fn(updates, state, params=None, **extra_args):
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-        finite = [jnp.all(jnp.isfinite(u)) for u in jax.tree_util.tree_leaves(new_updates)]
-        bad = jnp.logical_not(jnp.all(jnp.stack(finite))) if finite else jnp.array(False)
+        bad = _any_nonfinite(new_updates)
+        if check_inputs:
+            bad = bad | _any_nonfinite(updates)
         channel = Channel(axis_name)
         bad = channel.pmax(bad.astype(jnp.int32)) > 0
 

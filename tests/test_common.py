@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import optdist
-from optdist import aggregators, attacks
+from optdist import aggregators, attacks, compressors
 from tests.helpers import assert_trees_close, linear_loss, linear_problem
 
 WORKERS = 4
@@ -29,8 +29,8 @@ class Entry:
     make: Callable[[str], optax.GradientTransformation]
     # "gradient": outputs an (aggregated) gradient, chained with sgd; "update": outputs parameter updates.
     output: str = "gradient"
-    # Documented non-finite policy: "skip" (the NaN reaches every worker, so skip_nonfinite skips the
-    # step everywhere) or "robust" (a robust aggregator discards the non-finite worker; no skip).
+    # Non-finite policy under skip_nonfinite: "skip" (a NaN gradient on one worker skips the step on
+    # every worker) or "robust" (check_inputs=False: the robust aggregator discards the bad worker).
     nonfinite: str = "skip"
 
 
@@ -61,6 +61,20 @@ REGISTRY = {
             optdist.scale_by_shampoo(block_size=4, precondition_every=2, matrix_epsilon=1e-2, axis_name=ax),
         )
     ),
+    "compressed_mean[top_k+ef]": Entry(
+        lambda ax: optdist.compressed_mean(compressors.top_k(0.3), ax, feedback="ef")
+    ),
+    "compressed_mean[qsgd+ef21]": Entry(
+        lambda ax: optdist.compressed_mean(compressors.qsgd(7, 8), ax, feedback="ef21")
+    ),
+    "compressed_mean[sign+econtrol]": Entry(
+        lambda ax: optdist.compressed_mean(compressors.sign(), ax, feedback="econtrol")
+    ),
+    "compressed_mean[terngrad]": Entry(lambda ax: optdist.compressed_mean(compressors.terngrad(), ax)),
+    "compressed_mean[rand_k]": Entry(lambda ax: optdist.compressed_mean(compressors.rand_k(0.5), ax)),
+    "compressed_mean[demo]": Entry(lambda ax: optdist.compressed_mean(compressors.demo(4, 2), ax)),
+    "compressed_mean[fp16]": Entry(lambda ax: optdist.compressed_mean(compressors.cast(jnp.float16), ax)),
+    "powersgd": Entry(lambda ax: optdist.powersgd(1, ax, min_compression_rate=1.0)),
     "robust_mean[mean]": Entry(lambda ax: optdist.robust_mean(aggregators.mean(), ax)),
     "robust_mean[trimmed_mean]": Entry(
         lambda ax: optdist.robust_mean(aggregators.trimmed_mean(1), ax), nonfinite="robust"
@@ -158,10 +172,11 @@ def test_three_execution_modes_agree(problem, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_nonfinite_on_one_worker_is_skipped_on_every_worker(problem, name):
     params, data = problem
-    tx = optdist.skip_nonfinite(full_tx(name), "data")
+    robust = REGISTRY[name].nonfinite == "robust"
+    tx = optdist.skip_nonfinite(full_tx(name), "data", check_inputs=not robust)
     poison = jnp.array([False, True, False, False])
     params_w, state_w = run_steps(tx, params, data, steps=2, poison=poison)
-    if REGISTRY[name].nonfinite == "skip":
+    if not robust:
         assert_trees_close(params_w, optdist.replicate(params, WORKERS), rtol=0, atol=0)
         np.testing.assert_array_equal(state_w.skipped, [2] * WORKERS)
     else:  # the robust aggregator drops the poisoned worker and training goes on

@@ -34,16 +34,18 @@ from optdist import compression
 from optdist.feedback.compressed_mean import compressed_mean
 
 
-def resnet50_shapes(width_divisor: int = 1, num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
+def resnet50_shapes(
+    width_divisor: int = 1, num_classes: int = 1000, blocks: tuple[int, ...] = (3, 4, 6, 3)
+) -> dict[str, tuple[int, ...]]:
     """Parameter shapes of a ResNet-50 (bottleneck [3, 4, 6, 3], HWIO kernels, BN scale/bias)."""
     shapes: dict[str, tuple[int, ...]] = {}
     c = 64 // width_divisor
     shapes["stem/conv"] = (7, 7, 3, c)
     shapes["stem/bn_scale"] = shapes["stem/bn_bias"] = (c,)
     cin = c
-    for s, (width, blocks) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)]):
+    for s, (width, num_blocks) in enumerate(zip((64, 128, 256, 512), blocks)):
         w = width // width_divisor
-        for b in range(blocks):
+        for b in range(num_blocks):
             p = f"stage{s}/block{b}"
             for name, shape in (
                 ("conv1", (1, 1, cin, w)),
@@ -93,8 +95,18 @@ def _time(fn, *args, repeats: int) -> float:
     return float(np.median(times))
 
 
+def _row(r: dict) -> str:
+    return (
+        f"{r['method']:<24}{1e3 * r['seconds']:>10.1f}{r['time_ratio']:>9.2f}"
+        f"{r['bytes_per_worker'] / 1e6:>11.3f}{r['bytes_ratio']:>9.4f}"
+    )
+
+
 def run(small: bool, workers: int, repeats: int, only: list[str] | None = None) -> dict:
-    shapes = resnet50_shapes(width_divisor=8, num_classes=100) if small else resnet50_shapes()
+    if small:  # one block per stage at 1/8 width: few leaves, so compiling is quick
+        shapes = resnet50_shapes(width_divisor=8, num_classes=100, blocks=(1, 1, 1, 1))
+    else:
+        shapes = resnet50_shapes()
     params = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
     num_params = sum(math.prod(s) for s in shapes.values())
     key = jax.random.key(0)
@@ -102,6 +114,10 @@ def run(small: bool, workers: int, repeats: int, only: list[str] | None = None) 
         k: jax.random.normal(jax.random.fold_in(key, i), (workers, *s), jnp.float32)
         for i, (k, s) in enumerate(shapes.items())
     }
+    print(
+        f"{num_params / 1e6:.1f}M params, {workers} workers, {jax.default_backend()}, jax {jax.__version__}"
+    )
+    print(f"{'method':<24}{'ms/step':>10}{'x exact':>9}{'MB/worker':>11}{'x bytes':>9}", flush=True)
     results = []
     for name, make in methods().items():
         if only and name not in only and name != "exact_mean":
@@ -112,12 +128,17 @@ def run(small: bool, workers: int, repeats: int, only: list[str] | None = None) 
         seconds = _time(step, grads, state, repeats=repeats)
         _, new_state = step(grads, state)
         sent = int(np.asarray(optdist.bytes_sent(new_state))[0])
-        results.append({"method": name, "seconds": seconds, "bytes_per_worker": sent})
+        base = results[0] if results else {"seconds": seconds, "bytes_per_worker": sent}
+        row = {
+            "method": name,
+            "seconds": seconds,
+            "bytes_per_worker": sent,
+            "time_ratio": seconds / base["seconds"],
+            "bytes_ratio": sent / base["bytes_per_worker"],
+        }
+        results.append(row)
+        print(_row(row), flush=True)  # long runs show progress
         del state, new_state
-    base = results[0]
-    for r in results:
-        r["time_ratio"] = r["seconds"] / base["seconds"]
-        r["bytes_ratio"] = r["bytes_per_worker"] / base["bytes_per_worker"]
     return {
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.default_backend(),
@@ -134,22 +155,14 @@ def run(small: bool, workers: int, repeats: int, only: list[str] | None = None) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="path of the JSON results")
-    parser.add_argument("--small", action="store_true", help="a ~0.4M-parameter tree (smoke test)")
+    parser.add_argument(
+        "--small", action="store_true", help="a ~0.1M-parameter, 1-block-per-stage tree (smoke test)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="simulated workers")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
     parser.add_argument("--only", nargs="*", help="method names to run (exact_mean always runs)")
     args = parser.parse_args(argv)
     report = run(args.small, args.workers, args.repeats, args.only)
-    print(
-        f"{report['num_params'] / 1e6:.1f}M params, {report['workers']} workers, "
-        f"{report['platform']} ({report['device']}), jax {report['jax']}"
-    )
-    print(f"{'method':<24}{'ms/step':>10}{'x exact':>9}{'MB/worker':>11}{'x bytes':>9}")
-    for r in report["results"]:
-        print(
-            f"{r['method']:<24}{1e3 * r['seconds']:>10.1f}{r['time_ratio']:>9.2f}"
-            f"{r['bytes_per_worker'] / 1e6:>11.3f}{r['bytes_ratio']:>9.4f}"
-        )
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {args.out}")

@@ -11,7 +11,7 @@ from jax import lax
 
 from optdist import _checks
 from optdist.comm.channel import Channel
-from optdist.compression.base import Aggregate, Compressor, compute_dtype, flatten_floating
+from optdist.compression.base import Aggregate, Compressor, compute_dtype, flatten_floating, packed
 
 _ORTHOGONALIZATIONS = ("auto", "qr", "gram_schmidt")
 _LAYOUTS = ("channels_last", "channels_first")
@@ -180,9 +180,11 @@ def powersgd(
                 for g in groups
             ]
             qs = state.q if warm_start else [_random_q(key, j, g) for j, g in enumerate(groups)]
-            ps, plain_means = channel.pmean(([m @ q for m, q in zip(ms, qs)], [leaves[i] for i in plain]))
+            ps, plain_means = packed(
+                channel.pmean, ([m @ q for m, q in zip(ms, qs)], [leaves[i] for i in plain])
+            )
             ps = [orthonormalize(p) for p in ps]
-            qs = channel.pmean([jnp.swapaxes(m, -1, -2) @ p for m, p in zip(ms, ps)])
+            qs = packed(channel.pmean, [jnp.swapaxes(m, -1, -2) @ p for m, p in zip(ms, ps)])
             out = list(leaves)
             for g, p, q in zip(groups, ps, qs):
                 decoded = p @ jnp.swapaxes(q, -1, -2)
@@ -196,7 +198,7 @@ def powersgd(
 
         def exact():
             channel = Channel(axis_name)
-            out = channel.pmean(list(leaves))
+            out = packed(channel.pmean, list(leaves))
             sent["exact"] = channel.nbytes
             return out, list(leaves), tuple(state.q)
 

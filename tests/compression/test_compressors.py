@@ -1,0 +1,213 @@
+"""Element-wise compressors: unbiasedness, contraction, exact bytes, structure, bad input."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optdist
+from optdist import compression
+from optdist.comm.accounting import ByteCounter
+from optdist.compression.demo import dct_matrix
+from optdist.feedback import compressed_mean
+
+
+def _aggregate(comp, x, key=None, state=None, step=0):
+    """One worker (axis None), jitted: returns (mean, local, state, bytes)."""
+    key = jax.random.key(0) if key is None else key
+    state = comp.init(x) if state is None else state
+    run = lambda x, s, k: comp.aggregate(x, s, k, jnp.int32(step), ByteCounter.zeros(None), None)
+    return jax.jit(run)(x, state, key)
+
+
+@pytest.mark.parametrize(
+    "comp",
+    [compression.rand_k(0.25), compression.qsgd(3, 8), compression.terngrad(None)],
+    ids=lambda c: c.name,
+)
+def test_unbiased(comp):
+    x = {"v": jax.random.normal(jax.random.key(1), (40,)) * jnp.linspace(0.1, 3.0, 40)}
+    keys = jax.random.split(jax.random.key(2), 4000)
+    samples = jax.jit(jax.vmap(lambda k: _aggregate(comp, x, k).mean["v"]))(keys)
+    samples = np.asarray(samples, np.float64)
+    mean, std = samples.mean(0), samples.std(0)
+    bound = 5.0 * std / np.sqrt(len(keys)) + 1e-6
+    assert np.all(np.abs(mean - np.asarray(x["v"])) <= bound)
+    assert np.any(std > 0.1)  # it is really random (a zero-variance bug would pass trivially)
+
+
+def test_terngrad_clipping_is_biased_toward_zero():
+    x = {"v": jnp.concatenate([jnp.full((1,), 50.0), jnp.ones((63,))])}
+    keys = jax.random.split(jax.random.key(3), 512)
+    samples = jax.jit(jax.vmap(lambda k: _aggregate(compression.terngrad(2.5), x, k).mean["v"]))(keys)
+    assert float(samples[:, 0].mean()) < 0.5 * 50.0  # the outlier is clipped at 2.5 sigma
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.3, 0.45])  # (beyond 0.5 the payload is larger: sent plain)
+def test_top_k_contraction(ratio):
+    xs = jax.random.normal(jax.random.key(4), (6, 50)) ** 3
+    cs = jax.jit(jax.vmap(lambda x: _aggregate(compression.top_k(ratio), {"v": x}).mean["v"]))(xs)
+    k = math.ceil(ratio * 50)
+    np.testing.assert_array_equal(jnp.sum(cs != 0, axis=1), [k] * 6)
+    err = jnp.sum((cs - xs) ** 2, axis=1)
+    np.testing.assert_array_less(err, (1 - k / 50) * jnp.sum(xs**2, axis=1) * (1 + 1e-6))
+    # The bound is attained when all |x_j| are equal.
+    flat = jnp.where(jnp.arange(50) % 3 == 0, -2.0, 2.0)
+    c = _aggregate(compression.top_k(ratio), {"v": flat}).mean["v"]
+    np.testing.assert_allclose(jnp.sum((c - flat) ** 2), (1 - k / 50) * 200.0, rtol=1e-6)
+
+
+def test_scaled_sign_contraction_is_tight():
+    xs = jax.random.normal(jax.random.key(5), (5, 37)) ** 3
+    cs = jax.jit(jax.vmap(lambda x: _aggregate(compression.sign(), {"v": x}).mean["v"]))(xs)
+    x64, c64 = np.asarray(xs, np.float64), np.asarray(cs, np.float64)
+    delta = np.sum(np.abs(x64), 1) ** 2 / (37 * np.sum(x64**2, 1))
+    np.testing.assert_allclose(np.sum((c64 - x64) ** 2, 1), (1 - delta) * np.sum(x64**2, 1), rtol=1e-5)
+
+
+def test_threshold_top_k_finds_clear_top_k_without_sorting():
+    key = jax.random.key(6)
+    x = jax.random.normal(key, (1000,))
+    big = jax.random.choice(jax.random.fold_in(key, 1), 1000, (50,), replace=False)
+    x = x.at[big].set(20.0 + jnp.arange(50.0))
+    exact = _aggregate(compression.top_k(0.05), {"v": x}).mean["v"]
+    approx = _aggregate(compression.top_k(0.05, "threshold"), {"v": x}).mean["v"]
+    np.testing.assert_array_equal(approx, exact)
+
+
+def test_majority_vote():
+    comp = compression.sign(scaled=False)
+    x = jnp.array([[1.0, -2, 3, -0.5], [2.0, 1, -1, -1], [-3.0, -1, 2, -2]])
+    step = optdist.simulate(
+        lambda v: comp.aggregate({"v": v}, (), jax.random.key(0), 0, ByteCounter.zeros("data"), "data")[0]
+    )
+    np.testing.assert_array_equal(step(jnp.tile(x, (1, 8)))["v"][0], jnp.tile(jnp.array([1.0, -1, 1, -1]), 8))
+
+
+def test_cast_fp8_scales_into_range():
+    x = {"v": jax.random.normal(jax.random.key(7), (64, 8)) * 1e4}
+    for dtype, rel in [(jnp.float8_e4m3fn, 0.07), (jnp.float8_e5m2, 0.13), (jnp.float16, 1e-3)]:
+        mean = _aggregate(compression.cast(dtype), x).mean["v"]
+        assert np.isfinite(np.asarray(mean)).all()
+        np.testing.assert_allclose(mean, x["v"], rtol=rel, atol=0)
+
+
+def test_demo_exact_on_sparse_spectra_and_momentum_conserved():
+    basis = dct_matrix(8)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(8), atol=1e-12)
+    comp = compression.demo(chunk=8, topk=3, beta=0.9)
+    # Tiles whose DCT has <= 3 non-zero coefficients are sent exactly (first step: m = x).
+    coef = np.zeros((5, 8))
+    coef[:, [0, 3, 6]] = np.random.default_rng(0).normal(size=(5, 3))
+    x = {"v": jnp.asarray((coef @ basis).reshape(4, 10), jnp.float32)}
+    mean, local, state, _ = _aggregate(comp, x)
+    np.testing.assert_allclose(mean["v"], x["v"], atol=1e-5)
+    np.testing.assert_allclose(state[0], 0.0, atol=1e-5)
+    # In general: what stays in m plus what was sent = beta m + x.
+    x = {"v": jax.random.normal(jax.random.key(8), (4, 10))}
+    m_old = jax.random.normal(jax.random.key(9), (40,))
+    _, local, new, _ = _aggregate(comp, x, state=(m_old,))
+    np.testing.assert_allclose(new[0] + local["v"].reshape(-1), 0.9 * m_old + x["v"].reshape(-1), atol=1e-5)
+    assert float(jnp.linalg.norm(local["v"])) > 0.1
+
+
+N = 4
+D = 200  # leaf "w" (20, 10); "s" a scalar (stays uncompressed)
+
+
+def _expected_bytes(name):
+    """Hand-computed payload sizes x collective factor: checks the payloads really are encoded so."""
+    gather = lambda b: (N - 1) * b
+    ring = lambda elems, size: 2 * (N - 1) * -(-elems // N) * size
+    plain = ring(1, 4)  # the scalar leaf's own all-reduce (gathered protocols)
+    return {
+        "top_k": gather(20 * 4 + 20 * 4) + plain,
+        "top_k_threshold": gather(20 * 4 + 20 * 4 + 4) + plain,
+        "rand_k": ring(20 + 1, 4),  # summed values + the scalar, one buffer
+        "qsgd": gather(4 * 64 * 1 + 4 * 4) + plain,  # int8 levels (s=7), 4 buckets of 64, f32 norms
+        "qsgd_int16": gather(4 * 64 * 2 + 4 * 4) + plain,
+        "terngrad": gather(2 * 25 + 4) + plain,
+        "sign": gather(25 + 4) + plain,
+        "sign_vote": gather(25) + plain,
+        "bf16": ring(D, 2) + ring(1, 4),  # two dtype buffers in one all-reduce
+        "fp8": ring(D, 1) + ring(1, 4) + ring(1, 4),  # + the shared-scale pmax (one float32 per leaf)
+        "demo": gather(25 * 2 * 4 + 25 * 2 * 1) + plain,  # 25 tiles of 8, top-2: f32 values, uint8 idx
+    }[name]
+
+
+COMPRESSORS = {
+    "top_k": compression.top_k(0.1),
+    "top_k_threshold": compression.top_k(0.1, "threshold"),
+    "rand_k": compression.rand_k(0.1),
+    "qsgd": compression.qsgd(7, 64),
+    "qsgd_int16": compression.qsgd(300, 64),
+    "terngrad": compression.terngrad(),
+    "sign": compression.sign(),
+    "sign_vote": compression.sign(scaled=False),
+    "bf16": compression.cast(jnp.bfloat16),
+    "fp8": compression.cast("float8_e4m3fn"),
+    "demo": compression.demo(8, 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSORS))
+def test_exact_bytes(name):
+    comp = COMPRESSORS[name]
+    params = {"w": jnp.zeros((20, 10)), "s": jnp.zeros(())}
+    tx = compressed_mean(comp, "data", feedback="ef")
+    grads = {
+        "w": jax.random.normal(jax.random.key(10), (N, 20, 10)),
+        "s": jnp.arange(N, dtype=jnp.float32),
+    }
+    step = optdist.simulate(lambda g, s: tx.update(g, s, params))
+    out, state = step(grads, optdist.replicate(tx.init(params), N))
+    np.testing.assert_array_equal(optdist.bytes_sent(state), [_expected_bytes(name)] * N)
+    np.testing.assert_allclose(out["s"], [1.5] * N)  # the uncompressed scalar: exact mean
+
+
+def test_structure_shapes_and_dtypes_survive():
+    tree = {"a": jnp.ones((16, 8), jnp.bfloat16), "b": (jnp.ones((3, 4, 5)), jnp.ones((7,)))}
+    comps = [*COMPRESSORS.values(), compression.powersgd(2, min_compression_rate=1.0)]
+    states = [c.init(tree) for c in comps]
+
+    @jax.jit
+    def run_all(tree, states):
+        key, counter = jax.random.key(0), ByteCounter.zeros(None)
+        return [c.aggregate(tree, s, key, 0, counter, None)[:2] for c, s in zip(comps, states)]
+
+    for comp, (mean, local) in zip(comps, run_all(tree, states)):
+        for result in (mean, local):
+            assert jax.tree_util.tree_structure(result) == jax.tree_util.tree_structure(tree), comp.name
+            for r, t in zip(jax.tree_util.tree_leaves(result), jax.tree_util.tree_leaves(tree)):
+                assert r.shape == t.shape and r.dtype == t.dtype, comp.name
+        assert np.isfinite(np.asarray(mean["a"], np.float32)).all()
+
+
+def test_bad_arguments_are_named():
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="ratio"):
+            compression.top_k(bad)
+        with pytest.raises(ValueError, match="ratio"):
+            compression.rand_k(bad)
+    with pytest.raises(ValueError, match="method"):
+        compression.top_k(0.1, method="approx")
+    with pytest.raises(ValueError, match="levels"):
+        compression.qsgd(0)
+    with pytest.raises(ValueError, match="bucket_size"):
+        compression.qsgd(4, 0)
+    with pytest.raises(ValueError, match="clip_sigma"):
+        compression.terngrad(0.0)
+    with pytest.raises(ValueError, match="dtype"):
+        compression.cast(jnp.int8)
+    with pytest.raises(ValueError, match="dtype"):
+        compression.cast("float32")
+    with pytest.raises(ValueError, match="topk"):
+        compression.demo(chunk=8, topk=9)
+    with pytest.raises(ValueError, match="beta"):
+        compression.demo(beta=1.0)
+    with pytest.raises(TypeError, match="scaled"):
+        compression.sign(scaled="yes")
+    with pytest.raises(TypeError, match="floating"):
+        _aggregate(compression.top_k(0.5), {"v": jnp.ones((8,), jnp.int32)})
