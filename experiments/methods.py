@@ -220,8 +220,8 @@ def robust_method(name: str) -> Method:
     def build_fn(config, axis_name):
         f = config.get("num_byzantine", 2)
         parts = []
-        if "mom" in flags:  # worker momentum (per worker), aggregated instead of gradients
-            parts.append(optax.ema(0.9, debias=False))
+        if "mom" in flags:  # worker momentum m_i = g_i + 0.9 m_i (per worker), aggregated instead of g_i
+            parts.append(optax.trace(decay=0.9))
         if ATTACKS[attack] is not None:
             parts.append(optdist.attacks.byzantine(ATTACKS[attack](), num_byzantine=f, axis_name=axis_name))
         pre = optdist.aggregators.nnm(f) if "nnm" in flags else None
