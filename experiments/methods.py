@@ -160,7 +160,7 @@ for _every in (1, 10):
         return optax.chain(
             optdist.mean_gradients(axis_name),
             optdist.shampoo(
-                config.get("shampoo_learning_rate", config.learning_rate),
+                config.get("shampoo_learning_rate", 3e-3),  # Adam grafting: an Adam-sized step
                 block_size=128,
                 beta2=0.999,
                 momentum=0.9,

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import optdist
+
 
 def linear_problem(num_examples=64, dim=5, seed=0):
     """Params and a batch [B, dim + 1] (features, target) for least squares."""
@@ -36,3 +38,22 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
         a,
         b,
     )
+
+
+def run_in_three_modes(step, init, batches, steps=3):
+    """Runs ``steps`` of ``step(params, state, batch)`` simulated, under shard_map and under pmap.
+
+    ``init`` is the stacked ``(params, state)`` for 8 workers. Returns ``{mode: (params, state)}``.
+    """
+    runners = {
+        "simulate": optdist.simulate(step, "data"),
+        "data_parallel": optdist.data_parallel(step, jax.make_mesh((8,), ("data",)), "data"),
+        "pmap": jax.pmap(step, axis_name="data"),
+    }
+    results = {}
+    for name, run in runners.items():
+        p, s = init
+        for _ in range(steps):
+            p, s = run(p, s, batches)
+        results[name] = (p, s)
+    return results

@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.base = digits.get_config()
     c.methods = (  # comma-separated names from experiments.methods
-        "exact_mean,local_only,powersgd_r2,topk_1pct_ef,topk_1pct,sign_ef,local_sgd_h10,shampoo_every10,"
+        "exact_mean,local_only,powersgd_r2,topk_1pct_ef,topk_1pct,sign_ef,local_sgd_h10,"
         "robust/none/trimmed_mean+nnm+mom"
     )
     c.target_accuracy = 0.95

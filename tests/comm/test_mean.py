@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import optdist
-from tests.helpers import assert_trees_close, linear_loss, linear_problem, make_train_step
+from tests.helpers import assert_trees_close, linear_loss, linear_problem, make_train_step, run_in_three_modes
 
 NUM_WORKERS = 8
 
@@ -64,17 +64,7 @@ def test_three_modes_agree_after_several_adam_steps(problem):
     step = make_train_step(tx)
     init = optdist.replicate((params, tx.init(params)), NUM_WORKERS)
     batches = optdist.shard_batch(data, NUM_WORKERS)
-    runners = {
-        "simulate": optdist.simulate(step, "data"),
-        "data_parallel": optdist.data_parallel(step, jax.make_mesh((8,), ("data",)), "data"),
-        "pmap": jax.pmap(step, axis_name="data"),
-    }
-    results = {}
-    for name, run in runners.items():
-        p, s = init
-        for _ in range(5):
-            p, s = run(p, s, batches)
-        results[name] = (p, s)
+    results = run_in_three_modes(step, init, batches, steps=5)
     # Single-worker full-batch reference: the same optimizer on the full gradient.
     ref_tx = optax.adam(0.05)
     p_ref, s_ref = params, ref_tx.init(params)

@@ -10,7 +10,7 @@ import optdist
 from optdist import compression
 from optdist.comm.accounting import all_reduce_bytes
 from optdist.feedback import compressed_mean, powersgd
-from tests.helpers import assert_trees_close, linear_loss, linear_problem, make_train_step
+from tests.helpers import assert_trees_close, linear_loss, linear_problem, make_train_step, run_in_three_modes
 
 # Top-1 of 3 coordinates stalls here: each worker's largest coordinate is +-10
 # (they cancel in the mean), so coordinate 2's gradient is never sent.
@@ -109,17 +109,7 @@ def test_three_execution_modes_agree_with_ef_and_stochastic_compressor():
     step = make_train_step(tx, loss)
     init = optdist.replicate((params, tx.init(params)), 8)
     batches = optdist.shard_batch(data, 8)
-    runners = {
-        "simulate": optdist.simulate(step, "data"),
-        "data_parallel": optdist.data_parallel(step, jax.make_mesh((8,), ("data",)), "data"),
-        "pmap": jax.pmap(step, axis_name="data"),
-    }
-    results = {}
-    for name, run in runners.items():
-        p, s = init
-        for _ in range(3):
-            p, s = run(p, s, batches)
-        results[name] = (p, s)
+    results = run_in_three_modes(step, init, batches, steps=3)
     for name, (p, s) in results.items():
         assert_trees_close(p, results["simulate"][0], rtol=1e-5, atol=1e-6)
         assert_trees_close(s[0].error, results["simulate"][1][0].error, rtol=1e-4, atol=1e-6)

@@ -17,7 +17,7 @@ from optdist.preconditioning import (
     scale_by_shampoo,
     shampoo,
 )
-from tests.helpers import assert_trees_close, linear_problem, make_train_step
+from tests.helpers import assert_trees_close, linear_problem, make_train_step, run_in_three_modes
 
 STEPS = 20
 
@@ -310,17 +310,7 @@ def test_three_execution_modes_agree_with_single_worker():
     step = make_train_step(tx)
     init = optdist.replicate((params, tx.init(params)), 8)
     batches = optdist.shard_batch(data, 8)
-    runners = {
-        "simulate": optdist.simulate(step, "data"),
-        "data_parallel": optdist.data_parallel(step, jax.make_mesh((8,), ("data",)), "data"),
-        "pmap": jax.pmap(step, axis_name="data"),
-    }
-    results = {}
-    for name, run in runners.items():
-        p, s = init
-        for _ in range(3):
-            p, s = run(p, s, batches)
-        results[name] = (p, s)
+    results = run_in_three_modes(step, init, batches, steps=3)
     ref_tx = shampoo(0.1, **kw)
     p_ref, s_ref = params, ref_tx.init(params)
     ref_step = jax.jit(make_train_step(ref_tx))

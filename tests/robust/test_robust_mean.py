@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 import optdist
 from optdist.robust import aggregators as agg
 from optdist.robust import attacks, robust_mean
-from tests.helpers import assert_trees_close, linear_loss, linear_problem, make_train_step
+from tests.helpers import assert_trees_close, linear_loss, linear_problem, make_train_step, run_in_three_modes
 
 W = 8
 ELEMS = 5 * 3 + 3  # linear_problem parameters
@@ -59,17 +59,8 @@ def test_three_execution_modes_agree_under_attack(problem):
     step = make_train_step(tx)
     init = optdist.replicate((params, tx.init(params)), W)
     batches = optdist.shard_batch(data, W)
-    runners = {
-        "simulate": optdist.simulate(step, "data"),
-        "data_parallel": optdist.data_parallel(step, jax.make_mesh((8,), ("data",)), "data"),
-        "pmap": jax.pmap(step, axis_name="data"),
-    }
-    results = {}
-    for name, run in runners.items():
-        p, s = init
-        for _ in range(3):
-            p, s = run(p, s, batches)
-        results[name] = (p, s)
+    results = run_in_three_modes(step, init, batches, steps=3)
+    for name, (p, s) in results.items():
         assert all(jax.tree_util.tree_leaves(optdist.is_replicated(p))), name
         # Only the honest protocol's all-gather is counted (ALIE's omniscient gather is not).
         np.testing.assert_array_equal(optdist.bytes_sent(s), [3 * (W - 1) * ELEMS * 4] * W)
