@@ -22,6 +22,7 @@ def tiny_digits(method="exact_mean", **overrides):
     c.num_workers = 4
     c.batch_size = 8
     c.method = method
+    c.num_byzantine = 1  # for robust/... methods: n = 4 workers needs f < 2
     c.update(overrides)
     return c
 

@@ -29,7 +29,9 @@ def strip_time(history):
 
 
 # One method per transform family (the first registered), so every family is covered.
-REPRESENTATIVES = list({m.family: name for name, m in reversed(list(methods.METHODS.items()))}.values())
+REPRESENTATIVES = list({m.family: name for name, m in reversed(list(methods.METHODS.items()))}.values()) + [
+    "robust/alie/centered_clip+nnm+mom"  # robust aggregation with its stateful aggregator and an attack
+]
 
 
 @pytest.mark.parametrize("execution", ["simulate", "data_parallel"])
