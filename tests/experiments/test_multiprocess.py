@@ -36,7 +36,10 @@ pytestmark = pytest.mark.skipif(
 def test_killed_worker_resumes_to_identical_parameters(tmp_path):
     full_dir, crash_dir = str(tmp_path / "full"), str(tmp_path / "crash")
     code, out = launch.launch([f"--workdir={full_dir}", *ARGS], timeout=150, cwd=ROOT)
-    if code and "gloo" in out[0].lower() and "not" in out[0].lower():
+    # Skip only for the platform's own refusal of gloo CPU collectives (jaxlib built without them);
+    # any other failure fails the test.
+    unsupported = ("gloo collectives are not available", "unknown cpu collectives implementation")
+    if code and any(msg in out[0].lower() for msg in unsupported):
         pytest.skip(f"this platform cannot run CPU multi-process collectives: {out[0][-500:]}")
     assert code == 0, out[0][-3000:]
 

@@ -39,6 +39,18 @@ def np_grad(theta, data):
     return np.concatenate([[np.mean(r)], x.T @ r / len(r)])
 
 
+def np_local_models(x, data, k, lr, workers=None):
+    """float64 reference of one round: each worker (or those in ``workers``) takes ``k`` SGD steps from x."""
+    workers = range(data.shape[0]) if workers is None else workers
+    models = []
+    for i in workers:
+        y = x.copy()
+        for _ in range(k):
+            y = y - lr * np_grad(y, data[i])
+        models.append(y)
+    return models
+
+
 def flat(params):
     """{"b", "w"} (optionally with a leading worker axis) -> [..., 1 + DIM] float64."""
     b = np.asarray(params["b"], np.float64)

@@ -10,7 +10,7 @@ import optdist
 import optdist.outer as outer
 from optdist.comm import all_reduce_bytes
 from tests.helpers import assert_trees_close
-from tests.outer._problem import flat, init_params, loss, make_data, np_grad, run
+from tests.outer._problem import flat, init_params, loss, make_data, np_local_models, run
 
 N = 4
 PARAM_BYTES = all_reduce_bytes(init_params(), N)  # one ring all-reduce of {"w": [3], "b": []} f32
@@ -60,12 +60,7 @@ def test_inner_state_persists_or_resets(data):
 def _np_local_sgd_rounds(data, participants, k, lr):
     x = flat(init_params())
     for members in participants:
-        ys = []
-        for i in members:
-            y = x.copy()
-            for _ in range(k):
-                y = y - lr * np_grad(y, data[i])
-            ys.append(y)
+        ys = np_local_models(x, data, k, lr, members)
         x = np.mean(ys, axis=0) if len(ys) else x
     return x
 
@@ -258,12 +253,7 @@ def test_custom_aggregator_slot(data):
     tx = outer.local_sgd(optax.sgd(0.1), k, "data", aggregator=coordinate_median_of_gather)
     p, s, _ = run(tx, k, data)
     x = flat(init_params())
-    ys = []
-    for i in range(N):
-        y = x.copy()
-        for _ in range(k):
-            y = y - 0.1 * np_grad(y, data[i])
-        ys.append(y)
+    ys = np_local_models(x, data, k, 0.1)
     ref = x - np.median(x - np.array(ys), axis=0)
     np.testing.assert_allclose(flat(p)[0], ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(optdist.bytes_sent(s), [(N - 1) * 4 * 4] * N)  # all-gather of 4 f32

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 import optdist.outer as outer
-from tests.outer._problem import flat, init_params, loss, make_data, np_grad, run
+from tests.outer._problem import flat, init_params, loss, make_data, np_grad, np_local_models, run
 
 N = 4
 
@@ -77,17 +77,12 @@ def test_diloco_four_workers_matches_reference(data):
 
 def np_fedopt(data, rounds, k, client_lr, server_lr, kind, b1=0.9, b2=0.99, tau=1e-3):
     """Reddi et al. Algorithm 2 (FedAdam / FedYogi / FedAdagrad), client SGD."""
-    n = data.shape[0]
     x = flat(init_params())
     m, v = np.zeros_like(x), np.full_like(x, tau * tau)
     for _ in range(rounds):
-        deltas = []
-        for i in range(n):
-            y = x.copy()
-            for _ in range(k):
-                y = y - client_lr * np_grad(y, data[i])
-            deltas.append(y - x)
-        d = np.mean(deltas, axis=0)  # Δ_t = mean(y_i - x): the paper's sign
+        d = (
+            np.mean(np_local_models(x, data, k, client_lr), axis=0) - x
+        )  # Δ_t = mean(y_i - x): the paper's sign
         m = b1 * m + (1 - b1) * d
         if kind == "adam":
             v = b2 * v + (1 - b2) * d * d
@@ -115,13 +110,7 @@ def test_fedavg_with_server_lr(data):
     p, _, _ = run(outer.fedavg(0.1, 0.5, k, "data"), k * rounds, data)
     x = flat(init_params())
     for _ in range(rounds):
-        ys = []
-        for i in range(N):
-            y = x.copy()
-            for _ in range(k):
-                y = y - 0.1 * np_grad(y, data[i])
-            ys.append(y)
-        x = x + 0.5 * (np.mean(ys, axis=0) - x)
+        x = x + 0.5 * (np.mean(np_local_models(x, data, k, 0.1), axis=0) - x)
     np.testing.assert_allclose(flat(p)[0], x, rtol=1e-5, atol=1e-6)
 
 
@@ -168,17 +157,10 @@ def test_scaffold_partial_participation(data):
 
 def np_delayed_nesterov(data, rounds, k, lr, outer_lr, mu, n_buf):
     """Our reading of Algorithm 3: plain step Δ/N per arrival, momentum every N arrivals."""
-    n = data.shape[0]
     x = flat(init_params())
     m, buf = np.zeros_like(x), np.zeros_like(x)
     for t in range(1, rounds + 1):
-        ys = []
-        for i in range(n):
-            y = x.copy()
-            for _ in range(k):
-                y = y - lr * np_grad(y, data[i])
-            ys.append(y)
-        d = x - np.mean(ys, axis=0)
+        d = x - np.mean(np_local_models(x, data, k, lr), axis=0)
         buf = buf + d
         if t % n_buf == 0:
             m = mu * m + buf / n_buf
