@@ -52,7 +52,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from optdist.comm.axes import AxisName, axis_aliases, validate_axis_name
+from optdist.comm.axes import AxisName, axis_aliases, simulated_axes, validate_axis_name
 
 InAxes = int | None | Sequence[int | None]
 
@@ -123,6 +123,10 @@ def _per_arg(in_axes: InAxes, num_args: int) -> tuple[int | None, ...]:
     return axes
 
 
+def _index0(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
 def _num_workers(args: Sequence[Any], axes: Sequence[int | None]) -> int:
     sizes = {
         jnp.shape(leaf)[0] if jnp.ndim(leaf) else None
@@ -190,7 +194,8 @@ def simulate(
         fn = step
         for name in reversed(names):
             fn = jax.vmap(fn, in_axes=axes, axis_name=name)
-        out = fn(*split)
+        with simulated_axes(names):
+            out = fn(*split)
         return jax.tree_util.tree_map(lambda x: x.reshape(workers, *x.shape[len(sizes) :]), out)
 
     return jax.jit(run) if jit else run
@@ -240,9 +245,10 @@ def data_parallel(
         specs = tuple(worker_spec if ax == 0 else P() for ax in axes)
 
         def body(*local):
-            if per_device == 1:
-                return jax.vmap(step, in_axes=axes)(*local)
-            with axis_aliases({inner: (inner, sim)}):
+            if per_device == 1:  # no vmap: a gate inside the step stays a branch (see worker_cond)
+                mine = [_index0(a) if ax == 0 else a for a, ax in zip(local, axes)]
+                return jax.tree_util.tree_map(lambda x: x[None], step(*mine))
+            with axis_aliases({inner: (inner, sim)}), simulated_axes((sim,)):
                 return jax.vmap(step, in_axes=axes, axis_name=sim)(*local)
 
         mapped = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=worker_spec, check_vma=False)

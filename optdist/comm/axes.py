@@ -10,6 +10,11 @@ helper :func:`optdist.data_parallel` uses this to run ``k`` simulated workers
 per device: the step's collectives over ``"data"`` are resolved, while the
 step is being traced, to ``("data", "data_sim")`` (the shard_map axis and an
 inner vmap axis), so the same step function runs unchanged in every mode.
+
+Simulated axes: :func:`optdist.simulate` and :func:`optdist.data_parallel` also record, while
+tracing, which worker axes are ``vmap`` axes (:func:`simulated_axes`). A reduction over those
+is free (no device talks to another), which lets :func:`optdist.comm.branching.worker_cond`
+keep a step-count gate a real branch under ``vmap`` instead of a select of both branches.
 """
 
 from __future__ import annotations
@@ -29,6 +34,27 @@ _local = threading.local()
 
 class UnboundAxisError(NameError):
     """Raised when a transform's ``axis_name`` is not bound by any mapping."""
+
+
+def _simulated_stack() -> list[tuple[str, ...]]:
+    if not hasattr(_local, "simulated"):
+        _local.simulated = []
+    return _local.simulated
+
+
+@contextlib.contextmanager
+def simulated_axes(names: tuple[str, ...]) -> Iterator[None]:
+    """While tracing inside this context, ``names`` are ``vmap`` axes of simulated workers."""
+    _simulated_stack().append(tuple(names))
+    try:
+        yield
+    finally:
+        _simulated_stack().pop()
+
+
+def current_simulated_axes() -> tuple[str, ...]:
+    """Every simulated (``vmap``) worker axis bound around the code being traced, outermost first."""
+    return tuple(name for names in _simulated_stack() for name in names)
 
 
 def _alias_stack() -> list[Mapping[str, tuple[str, ...]]]:

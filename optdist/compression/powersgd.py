@@ -7,9 +7,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from optdist import _checks
+from optdist.comm.branching import worker_cond
 from optdist.comm.channel import Channel
 from optdist.compression.base import Aggregate, Compressor, compute_dtype, flatten_floating, packed
 
@@ -208,7 +208,7 @@ def powersgd(
             bytes_sent = bytes_sent.add(sent["compressed"])
         else:
             on = step >= start_step
-            out, local, q = lax.cond(on, compressed, exact)
+            out, local, q = worker_cond(on, compressed, exact)
             bytes_sent = bytes_sent.add(sent["compressed"], where=on).add(sent["exact"], where=~on)
         unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)
         return Aggregate(unflat(out), unflat(local), PowerSGDState(q), bytes_sent)

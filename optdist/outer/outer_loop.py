@@ -15,18 +15,16 @@ papers write the server step on ``mean(θ_i − θ) = −Δ``; see
 The sync gate
 -------------
 The synchronization branch (aggregation collectives + outer step) runs under
-``lax.cond``.  This was checked to work with collectives inside the branch in
-all three execution modes (``vmap`` with an axis name, ``shard_map``, ``pmap``),
-and it is what makes the method cheap on real hardware: with one worker per
-device (``shard_map``/``pmap``) the all-reduce is really skipped on non-sync
-steps.  The predicate depends only on the step count, which is identical on
-every worker, so every worker takes the same branch (required for a
-collective inside a branch).  Cost: under ``vmap`` (``optdist.simulate`` and
-``data_parallel`` with several simulated workers per device) the predicate
-is batched, JAX turns the ``cond`` into a select and both branches are
-computed every step — the simulated all-reduce and outer step run on every
-step although their result is discarded (compute only; bytes are still
-counted on sync steps only).
+:func:`optdist.comm.branching.worker_cond` (``lax.cond``, kept a real branch
+under simulated workers).  This was checked to work with collectives inside
+the branch in all three execution modes (``vmap`` with an axis name,
+``shard_map``, ``pmap``), and it is what makes the method cheap: on non-sync
+steps the all-reduce and the outer step are really skipped, on real devices
+and in ``optdist.simulate`` alike.  The predicate depends only on the step
+count, which is identical on every worker, so every worker takes the same
+branch (required for a collective inside a branch).  Under a plain
+``jax.vmap`` (not ``optdist.simulate``) the predicate is batched and JAX
+computes both branches every step (correct, not amortized).
 """
 
 from __future__ import annotations
@@ -39,11 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from optdist import _checks
 from optdist.comm.accounting import ByteCounter
 from optdist.comm.axes import AxisName, validate_axis_name
+from optdist.comm.branching import worker_cond
 from optdist.comm.channel import Channel
 
 SyncEvery = int | Callable[[jax.Array], jax.Array]
@@ -365,7 +363,7 @@ def outer_loop(
             return u, inner_state, anchor, outer_state, jnp.zeros((), jnp.int32)
 
         gated_inner = inner_state if gate_inner else None
-        out, gated_inner, anchor, outer_state, skipped = lax.cond(
+        out, gated_inner, anchor, outer_state, skipped = worker_cond(
             is_sync, sync, local_step, (gated_inner, state.anchor, state.outer_state)
         )
         inner_state = gated_inner if gate_inner else inner_state

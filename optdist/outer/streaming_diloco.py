@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
 from optdist import _checks
 from optdist.comm.accounting import ByteCounter
 from optdist.comm.axes import AxisName, validate_axis_name
+from optdist.comm.branching import worker_cond
 from optdist.comm.channel import Channel
 from optdist.outer import _validate
 from optdist.outer.outer_loop import Aggregator, mean_aggregator
@@ -178,7 +178,7 @@ def streaming_diloco(
                 nbytes.append(channel.nbytes)
                 return optax.apply_updates(anchor, step), ostate
 
-            new_anchor, ostate = lax.cond(
+            new_anchor, ostate = worker_cond(
                 is_sync, sync, lambda ops: ops, (frag_anchor, state.outer_states[p])
             )
             bytes_sent = bytes_sent.add(nbytes[0], where=is_sync)

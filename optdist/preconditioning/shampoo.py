@@ -33,10 +33,10 @@ Distribution (``axis_name``): chain this transform after :func:`optdist.mean_gra
 worker receives the same averaged gradient. The blocks are then assigned to workers (balanced by
 :math:`\sum_i s_i^3`, LPT); each worker updates the statistics, recomputes the roots and
 preconditions **only its own blocks**, and the search directions are all-gathered (as in the
-PyTorch Distributed Shampoo). The refresh gate is a ``lax.cond`` on the step counter with no
-collective inside; the all-gather runs every step. Under ``vmap`` (``optdist.simulate``) the
-counter is batched, so the cond executes both branches (correct, not amortized); under
-``shard_map``/``pmap``/``jit`` it skips the work.
+PyTorch Distributed Shampoo). The statistics and refresh gates are branches on the step counter
+(:func:`optdist.comm.branching.worker_cond`, no collective inside), so the root work is really
+skipped between refreshes in every mode, simulated workers included; the all-gather runs every
+step.
 
 State placement: ``count``, ``graft_state``, ``diagonal`` and ``bytes_sent`` are identical across
 workers. The banks ``stats``, ``preconditioners``, ``root_errors``, ``root_failures`` have the full
@@ -75,6 +75,7 @@ from jax import lax
 from optdist import _checks
 from optdist.comm.accounting import ByteCounter
 from optdist.comm.axes import AxisName, validate_axis_name
+from optdist.comm.branching import worker_cond
 from optdist.comm.channel import Channel
 from optdist.preconditioning import blocking
 from optdist.preconditioning import grafting as graft_lib
@@ -318,7 +319,7 @@ def scale_by_shampoo(
                 for key in keys
             }
 
-        own_stats = lax.cond(do_stats, new_stats, lambda s: s, own_stats)
+        own_stats = worker_cond(do_stats, new_stats, lambda s: s, own_stats)
 
         # Roots of this worker's statistics (gated), with failure fallback.
         own_pre = {key: tuple(_take(s, rows[key]) for s in state.preconditioners[key]) for key in keys}
@@ -363,7 +364,7 @@ def scale_by_shampoo(
                 )
             return pre_out, err_out, fail_out
 
-        own_pre, own_err, own_fail = lax.cond(
+        own_pre, own_err, own_fail = worker_cond(
             do_refresh, refresh, lambda args: args, (own_pre, own_err, own_fail)
         )
 
