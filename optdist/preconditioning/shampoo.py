@@ -77,7 +77,7 @@ from optdist.comm.accounting import ByteCounter
 from optdist.comm.axes import AxisName, validate_axis_name
 from optdist.comm.branching import worker_cond
 from optdist.comm.channel import Channel
-from optdist.preconditioning import blocking
+from optdist.preconditioning import blocking, storage
 from optdist.preconditioning import grafting as graft_lib
 from optdist.preconditioning.matrix_roots import METHODS, matrix_inverse_pth_root
 
@@ -97,8 +97,8 @@ class ShampooState(NamedTuple):
     """
 
     count: jax.Array
-    stats: dict[str, tuple[jax.Array, ...]]
-    preconditioners: dict[str, tuple[jax.Array, ...]]
+    stats: dict[str, tuple[jax.Array | storage.QuantizedMatrices, ...]]
+    preconditioners: dict[str, tuple[jax.Array | storage.QuantizedMatrices, ...]]
     root_errors: dict[str, jax.Array]
     root_failures: dict[str, jax.Array]
     diagonal: tuple[jax.Array, ...]
@@ -128,14 +128,6 @@ def _apply(pre: jax.Array, blocks: jax.Array, dim: int, precision) -> jax.Array:
 def _compute_dtype(leaves) -> jnp.dtype:
     """float32, or float64 when a leaf is float64 (x64 enabled)."""
     return jnp.result_type(jnp.float32, *[jnp.result_type(x) for x in leaves])
-
-
-def _take(x: jax.Array, rows: jax.Array | None) -> jax.Array:
-    return x if rows is None else x[rows]
-
-
-def _put(x: jax.Array, rows: jax.Array | None, value: jax.Array) -> jax.Array:
-    return value.astype(x.dtype) if rows is None else x.at[rows].set(value.astype(x.dtype))
 
 
 def scale_by_shampoo(
@@ -190,9 +182,13 @@ def scale_by_shampoo(
       root_max_iters: iteration cap of the iterative root methods.
       root_error_threshold: reject (keep the previous preconditioner) above this residual estimate.
       precision: matmul precision of statistics, roots and preconditioning.
-      statistics_dtype: storage dtype of the statistics (e.g. ``jnp.bfloat16``); default: the
-        compute dtype (float32, or float64 for float64 parameters). Math runs in the compute dtype.
-      preconditioner_dtype: storage dtype of the preconditioners (same default).
+      statistics_dtype: storage dtype of the statistics: a float dtype (e.g. ``jnp.bfloat16``), or
+        ``jnp.int16`` / ``jnp.int8`` for quantized storage with per-column scales and a float32
+        diagonal (:mod:`optdist.preconditioning.storage`; int8 loses EMA updates below its
+        resolution, prefer int16 for statistics); default: the compute dtype (float32, or float64
+        for float64 parameters). Math always runs in the compute dtype.
+      preconditioner_dtype: storage dtype of the preconditioners (same choices and default; int8
+        is the paper's memory-reduction mode for the recomputed roots).
       axis_name: worker axis over which root and preconditioning work is split, or None.
 
     Returns:
@@ -229,6 +225,8 @@ def scale_by_shampoo(
         raise ValueError(f"root_method must be one of {METHODS}; got {root_method!r}.")
     root_max_iters = _checks.positive_int(root_max_iters, "root_max_iters")
     root_error_threshold = _checks.in_range(root_error_threshold, "root_error_threshold", 0.0, float("inf"))
+    statistics_dtype = storage.check_dtype(statistics_dtype, "statistics_dtype")
+    preconditioner_dtype = storage.check_dtype(preconditioner_dtype, "preconditioner_dtype")
     axis_name = validate_axis_name(axis_name)
     graft_tx = graft_lib.grafting_transform(grafting, graft_beta1, graft_beta2, graft_epsilon)
     graft_tx = None if graft_tx is None else optax.with_extra_args_support(graft_tx)
@@ -247,14 +245,17 @@ def scale_by_shampoo(
         cdt = _compute_dtype(leaves)
         stat_dt = statistics_dtype or cdt
         pre_dt = preconditioner_dtype or cdt
+        diag_dt = cdt if stat_dt in storage.INTEGER_DTYPES else stat_dt
         stats, pres, errs, fails = {}, {}, {}, {}
         for shape, size in zip(layout.groups, layout.group_sizes):
             key = blocking.group_key(shape)
-            stats[key] = tuple(jnp.zeros((size, s, s), stat_dt) for s in shape)
-            pres[key] = tuple(jnp.broadcast_to(jnp.eye(s, dtype=pre_dt), (size, s, s)) for s in shape)
+            stats[key] = tuple(storage.encode(jnp.zeros((size, s, s), cdt), stat_dt) for s in shape)
+            pres[key] = tuple(
+                storage.encode(jnp.broadcast_to(jnp.eye(s, dtype=cdt), (size, s, s)), pre_dt) for s in shape
+            )
             errs[key] = jnp.zeros((size, len(shape)), jnp.float32)
             fails[key] = jnp.zeros((size, len(shape)), jnp.int32)
-        diagonal = tuple(jnp.zeros(lay.shape, stat_dt) for lay in layout.leaves if lay.diagonal)
+        diagonal = tuple(jnp.zeros(lay.shape, diag_dt) for lay in layout.leaves if lay.diagonal)
         graft_state = () if graft_tx is None else graft_tx.init(params)
         return ShampooState(
             jnp.zeros((), jnp.int32),
@@ -305,15 +306,17 @@ def scale_by_shampoo(
         cdt = _compute_dtype(leaves)
         g32 = [x.astype(cdt) for x in leaves]
         banks = blocking.to_banks(layout, g32)
-        own = {key: _take(banks[key], rows[key]) for key in keys}
+        own = {key: storage.take(banks[key], rows[key]) for key in keys}
 
         # Statistics of this worker's blocks (gated; no collective inside the cond).
-        own_stats = {key: tuple(_take(s, rows[key]) for s in state.stats[key]) for key in keys}
+        own_stats = {key: tuple(storage.take(s, rows[key]) for s in state.stats[key]) for key in keys}
 
         def new_stats(own_stats):
             return {
                 key: tuple(
-                    accumulate(s.astype(cdt), _gram(own[key], i, precision)).astype(s.dtype)
+                    storage.encode(
+                        accumulate(storage.decode(s, cdt), _gram(own[key], i, precision)), storage.dtype_of(s)
+                    )
                     for i, s in enumerate(own_stats[key])
                 )
                 for key in keys
@@ -322,9 +325,9 @@ def scale_by_shampoo(
         own_stats = worker_cond(do_stats, new_stats, lambda s: s, own_stats)
 
         # Roots of this worker's statistics (gated), with failure fallback.
-        own_pre = {key: tuple(_take(s, rows[key]) for s in state.preconditioners[key]) for key in keys}
-        own_err = {key: _take(state.root_errors[key], rows[key]) for key in keys}
-        own_fail = {key: _take(state.root_failures[key], rows[key]) for key in keys}
+        own_pre = {key: tuple(storage.take(s, rows[key]) for s in state.preconditioners[key]) for key in keys}
+        own_err = {key: storage.take(state.root_errors[key], rows[key]) for key in keys}
+        own_fail = {key: storage.take(state.root_failures[key], rows[key]) for key in keys}
 
         def refresh(args):
             own_pre, own_err, own_fail = args
@@ -335,7 +338,7 @@ def scale_by_shampoo(
                     batches.setdefault((side, exponent(len(shape))), []).append((key, i))
             roots = {}
             for (_, p), members in batches.items():
-                stats = [own_stats[key][i].astype(cdt) for key, i in members]
+                stats = [storage.decode(own_stats[key][i], cdt) for key, i in members]
                 root, err = matrix_inverse_pth_root(
                     stats[0] if len(stats) == 1 else jnp.concatenate(stats),
                     p,
@@ -355,7 +358,7 @@ def scale_by_shampoo(
             for key, shape in zip(keys, layout.groups):
                 parts = [roots[key, i] for i in range(len(shape))]
                 pre_out[key] = tuple(
-                    jnp.where(ok[:, None, None], root.astype(old.dtype), old)
+                    storage.select(ok, storage.encode(root, storage.dtype_of(old)), old)
                     for (root, _, ok), old in zip(parts, own_pre[key])
                 )
                 err_out[key] = jnp.stack([e for _, e, _ in parts], axis=1).astype(own_err[key].dtype)
@@ -373,7 +376,7 @@ def scale_by_shampoo(
         for key in keys:
             d = own[key]
             for i, pre in enumerate(own_pre[key]):
-                d = _apply(pre.astype(cdt), d, i, precision)
+                d = _apply(storage.decode(pre, cdt), d, i, precision)
             own_dirs[key] = d
         gathered = channel.all_gather(own_dirs)
         dirs = {}
@@ -417,10 +420,10 @@ def scale_by_shampoo(
         fails = {}
         for key in keys:
             r = rows[key]
-            stats[key] = tuple(_put(s, r, v) for s, v in zip(state.stats[key], own_stats[key]))
-            pres[key] = tuple(_put(s, r, v) for s, v in zip(state.preconditioners[key], own_pre[key]))
-            errs[key] = _put(state.root_errors[key], r, own_err[key])
-            fails[key] = _put(state.root_failures[key], r, own_fail[key])
+            stats[key] = tuple(storage.put(s, r, v) for s, v in zip(state.stats[key], own_stats[key]))
+            pres[key] = tuple(storage.put(s, r, v) for s, v in zip(state.preconditioners[key], own_pre[key]))
+            errs[key] = storage.put(state.root_errors[key], r, own_err[key])
+            fails[key] = storage.put(state.root_failures[key], r, own_fail[key])
         new_state = ShampooState(
             count + 1,
             stats,

@@ -220,6 +220,8 @@ def test_bad_arguments_are_named():
         (dict(grafting="lion"), "grafting"),
         (dict(root_method="svd"), "root_method"),
         (dict(root_error_threshold=-1.0), "root_error_threshold"),
+        (dict(statistics_dtype=jnp.int32), "statistics_dtype"),
+        (dict(preconditioner_dtype="uint8"), "preconditioner_dtype"),
     ]:
         with pytest.raises(ValueError, match=name):
             scale_by_shampoo(**kwargs)
