@@ -42,6 +42,8 @@ State placement: ``count``, ``graft_state``, ``diagonal`` and ``bytes_sent`` are
 workers. The banks ``stats``, ``preconditioners``, ``root_errors``, ``root_failures`` have the full
 ``[N_g, ...]`` shape on every worker (independent of the worker count) but each worker keeps only
 the rows it owns (plus padding rows it computes redundantly) up to date: they are **per-worker**.
+With ``num_workers=n`` they are sharded instead: each worker's banks hold only its
+``ceil(N_g / n)`` assigned blocks (memory per worker ~1/n, as in the PyTorch Distributed Shampoo).
 
 Bytes: each step every worker all-gathers its ``ceil(N_g / n)`` direction blocks per block shape:
 :math:`(n-1) \sum_g \lceil N_g/n \rceil |block_g| \cdot 4` bytes (float32), recorded in
@@ -154,6 +156,7 @@ def scale_by_shampoo(
     statistics_dtype: Any = None,
     preconditioner_dtype: Any = None,
     axis_name: AxisName = None,
+    num_workers: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Shampoo's preconditioned (and grafted) direction; see the module docstring for the math.
 
@@ -190,6 +193,11 @@ def scale_by_shampoo(
       preconditioner_dtype: storage dtype of the preconditioners (same choices and default; int8
         is the paper's memory-reduction mode for the recomputed roots).
       axis_name: worker axis over which root and preconditioning work is split, or None.
+      num_workers: the size of ``axis_name``, to *shard the state*: each worker's banks then hold
+        only the ``ceil(N_g / n)`` blocks assigned to it, so statistics and preconditioners take
+        ``~1/n`` of the memory per worker (the state is per-worker; ``optdist.replicate`` of
+        ``init`` is still the right start, every shard starts at zeros / identity). ``None``: every
+        worker holds full-size banks and keeps only its own rows up to date.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with :class:`ShampooState`.
@@ -228,6 +236,13 @@ def scale_by_shampoo(
     statistics_dtype = storage.check_dtype(statistics_dtype, "statistics_dtype")
     preconditioner_dtype = storage.check_dtype(preconditioner_dtype, "preconditioner_dtype")
     axis_name = validate_axis_name(axis_name)
+    if num_workers is not None:
+        num_workers = _checks.positive_int(num_workers, "num_workers")
+        if axis_name is None and num_workers > 1:
+            raise ValueError(
+                f"num_workers={num_workers} shards the state over workers, which needs axis_name; "
+                "pass the worker axis (or num_workers=None)."
+            )
     graft_tx = graft_lib.grafting_transform(grafting, graft_beta1, graft_beta2, graft_epsilon)
     graft_tx = None if graft_tx is None else optax.with_extra_args_support(graft_tx)
 
@@ -247,8 +262,10 @@ def scale_by_shampoo(
         pre_dt = preconditioner_dtype or cdt
         diag_dt = cdt if stat_dt in storage.INTEGER_DTYPES else stat_dt
         stats, pres, errs, fails = {}, {}, {}, {}
+        shards = blocking.assign_blocks(layout, num_workers) if num_workers else None
         for shape, size in zip(layout.groups, layout.group_sizes):
             key = blocking.group_key(shape)
+            size = size if shards is None else shards.tables[key].shape[1]
             stats[key] = tuple(storage.encode(jnp.zeros((size, s, s), cdt), stat_dt) for s in shape)
             pres[key] = tuple(
                 storage.encode(jnp.broadcast_to(jnp.eye(s, dtype=cdt), (size, s, s)), pre_dt) for s in shape
@@ -298,15 +315,22 @@ def scale_by_shampoo(
         channel = Channel(axis_name)
         n = channel.size
         keys = layout.keys
+        if num_workers is not None and num_workers != n:
+            raise ValueError(
+                f"scale_by_shampoo(num_workers={num_workers}) runs on axis {axis_name!r} of {n} workers: "
+                "pass num_workers equal to the axis size."
+            )
         assignment = blocking.assign_blocks(layout, n) if n > 1 else None
-        rows = {
+        block_rows = {
             key: (None if assignment is None else jnp.asarray(assignment.tables[key])[channel.index])
             for key in keys
         }
+        # Rows of this worker's blocks in the state banks (None: the banks hold exactly them).
+        rows = {key: None for key in keys} if num_workers else block_rows
         cdt = _compute_dtype(leaves)
         g32 = [x.astype(cdt) for x in leaves]
         banks = blocking.to_banks(layout, g32)
-        own = {key: storage.take(banks[key], rows[key]) for key in keys}
+        own = {key: storage.take(banks[key], block_rows[key]) for key in keys}
 
         # Statistics of this worker's blocks (gated; no collective inside the cond).
         own_stats = {key: tuple(storage.take(s, rows[key]) for s in state.stats[key]) for key in keys}
@@ -468,6 +492,7 @@ def shampoo(
     statistics_dtype: Any = None,
     preconditioner_dtype: Any = None,
     axis_name: AxisName = None,
+    num_workers: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Shampoo with momentum and decoupled weight decay:
     ``chain(scale_by_shampoo, trace(momentum, nesterov), add_decayed_weights, scale_by_learning_rate)``.
@@ -532,6 +557,7 @@ def shampoo(
             statistics_dtype=statistics_dtype,
             preconditioner_dtype=preconditioner_dtype,
             axis_name=axis_name,
+            num_workers=num_workers,
         )
     ]
     if momentum > 0:

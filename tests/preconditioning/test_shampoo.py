@@ -222,6 +222,8 @@ def test_bad_arguments_are_named():
         (dict(root_error_threshold=-1.0), "root_error_threshold"),
         (dict(statistics_dtype=jnp.int32), "statistics_dtype"),
         (dict(preconditioner_dtype="uint8"), "preconditioner_dtype"),
+        (dict(num_workers=0), "num_workers"),
+        (dict(num_workers=2), "num_workers"),
     ]:
         with pytest.raises(ValueError, match=name):
             scale_by_shampoo(**kwargs)
@@ -297,6 +299,38 @@ def test_distributed_roots_equal_local_and_bytes_are_exact():
     expected = steps * (mean_bytes + (n - 1) * gather * 4)
     np.testing.assert_array_equal(optdist.bytes_sent(state_w), [expected] * n)
     np.testing.assert_array_equal(shampoo_w.bytes_sent.value(), [steps * (n - 1) * gather * 4] * n)
+
+    # Sharded state (num_workers=n): the same directions, each worker's banks hold only its table rows.
+    sharded = optax.chain(
+        optdist.mean_gradients("data"), scale_by_shampoo(**kw, axis_name="data", num_workers=n)
+    )
+
+    def sharded_worker(state, grads):
+        def body(state, g):
+            u, state = sharded.update(g, state, params)
+            return state, u
+
+        return jax.lax.scan(body, state, grads)
+
+    state_s, out_s = optdist.simulate(sharded_worker)(optdist.replicate(sharded.init(params), n), grads_w)
+    assert_trees_close(out_s, out_w, rtol=1e-6, atol=1e-7)
+    for key, table in assignment.tables.items():
+        for i, local_stat in enumerate(local_state.stats[key]):
+            banks = np.asarray(state_s[1].stats[key][i])
+            assert banks.shape[:2] == (n, table.shape[1])
+            for w in range(n):
+                np.testing.assert_allclose(banks[w], np.asarray(local_stat)[table[w]], rtol=1e-6)
+    np.testing.assert_array_equal(optdist.bytes_sent(state_s), [expected] * n)
+    full, shard = (sum(x[0].size for x in jax.tree_util.tree_leaves(s[1].stats)) for s in (state_w, state_s))
+    sides = {k: [int(d) for d in k.split("x")] for k in assignment.tables}
+    assert full == sum(len(owners[k]) * sum(d * d for d in sides[k]) for k in sides)
+    assert shard == sum(t.shape[1] * sum(d * d for d in sides[k]) for k, t in assignment.tables.items())
+    assert shard < full
+    wrong = scale_by_shampoo(**kw, axis_name="data", num_workers=n + 1)
+    with pytest.raises(ValueError, match="num_workers"):
+        optdist.simulate(lambda s, g: wrong.update(g, s, params))(
+            optdist.replicate(wrong.init(params), n), jax.tree_util.tree_map(lambda g: g[:, 0], grads_w)
+        )
 
 
 def test_three_execution_modes_agree_with_single_worker():
