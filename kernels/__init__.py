@@ -6,12 +6,15 @@ dispatcher argument ``impl="auto"|"pallas"|"xla"`` (see :mod:`optdist_kernels._d
 * :func:`ef_quantize` / :func:`decode_accumulate`: fused error feedback + bucketed int8 / ternary /
   scaled-sign quantization with bit packing, and the fused decode + accumulate.
 * :func:`ef_threshold_topk`: fused error feedback + sampled-threshold top-k into a fixed-capacity buffer.
+* :func:`ef_project` / :func:`decode_residual` / :func:`gram_schmidt`: PowerSGD's fused EF add +
+  projection, fused decode + residual write, and small-rank Gram–Schmidt.
 * :func:`batched_inverse_pth_root`: coupled Newton / Newton–Schulz inverse p-th roots of SPD blocks.
 
 Benchmark on a GPU with ``python -m optdist_kernels.bench``.
 """
 
 from optdist_kernels._dispatch import AUTO_BACKENDS, IMPLS
+from optdist_kernels.powersgd import decode_residual, ef_project, gram_schmidt
 from optdist_kernels.quantize import decode_accumulate, ef_quantize
 from optdist_kernels.roots import batched_inverse_pth_root
 from optdist_kernels.topk import ef_threshold_topk
@@ -21,6 +24,9 @@ __all__ = [
     "IMPLS",
     "batched_inverse_pth_root",
     "decode_accumulate",
+    "decode_residual",
+    "ef_project",
     "ef_quantize",
     "ef_threshold_topk",
+    "gram_schmidt",
 ]

@@ -28,6 +28,9 @@ AUTO_BACKENDS: dict[str, tuple[str, ...]] = {
     "decode_accumulate": (),
     "ef_threshold_topk": (),
     "batched_inverse_pth_root": (),
+    "powersgd_ef_project": (),
+    "powersgd_decode_residual": (),
+    "powersgd_gram_schmidt": (),
 }
 
 
@@ -158,9 +161,17 @@ def call_kernel(
         out_specs=list(out_specs),
         input_output_aliases=aliases,
         interpret=interpret,
+        compiler_params=triton_params(),
     )(*inputs)
     return list(out)
 
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def triton_params() -> Any:
+    """Pins the Triton lowering on GPU (jax >= 0.10 defaults ``pallas_call`` to Mosaic GPU)."""
+    from jax.experimental.pallas import triton as plt
+
+    return plt.CompilerParams()

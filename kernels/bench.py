@@ -4,7 +4,8 @@ For each kernel and size it prints the median time, the achieved bandwidth (byte
 once + every output written once, i.e. the ideal traffic) or TFLOP/s, the ratio of the XLA path's time
 to this path's time (``> 1``: faster than XLA) and the achieved bandwidth as a fraction of a measured
 device-to-device elementwise copy in the same run. Also ``lax.top_k`` (1%) against the threshold top-k,
-and ``eigh`` against the Newton roots for batches of SPD blocks. Results go to ``--out`` as JSON.
+``eigh`` against the Newton roots for batches of SPD blocks, and PowerSGD's fused passes (rank 4) on
+``--powersgd`` batches ``BxRxC``. Results go to ``--out`` as JSON.
 
 GPU numbers come only from a GPU: on CPU the Pallas path runs in interpret mode (``--small`` is a smoke
 run of the script, not a measurement).
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from optdist_kernels import quantize, roots, topk
+from optdist_kernels import powersgd, quantize, roots, topk
 
 _GB = 1e9
 
@@ -150,6 +151,31 @@ def bench_topk(results, sizes, reps, ratio=0.01):
         del g, e
 
 
+def bench_powersgd(results, configs, reps, rank=4):
+    """PowerSGD's fused passes on ``[B, R, C]`` batches (rank ``r``): EF add + projection, decode +
+    residual (ideal traffic: each full-size array read or written once), and Gram–Schmidt."""
+    for b, rows, cols in configs:
+        n = b * rows * cols
+        copy = _copy_gbps(n, reps)
+        ks = jax.random.split(jax.random.key(0), 3)
+        g = jax.random.normal(ks[0], (b, rows, cols), jnp.float32)
+        e = 0.1 * jax.random.normal(ks[1], (b, rows, cols), jnp.float32)
+        q = jax.random.normal(ks[2], (b, cols, rank), jnp.float32)
+        size = f"{b}x{rows}x{cols},r{rank}"
+        small = 4 * b * (rows + cols) * rank
+        make = lambda impl: lambda gg, ee, qq: powersgd.ef_project(gg, ee, qq, impl=impl)
+        _bench_pair(results, "powersgd_ef_project", size, make, (g, e, q), 12 * n + small, copy, reps)
+        m, p = powersgd.ef_project(g, e, q, impl="xla")
+        p = powersgd.gram_schmidt(p, impl="xla")
+        make = lambda impl: lambda mm, pp, qq: powersgd.decode_residual(mm, pp, qq, impl=impl)
+        _bench_pair(results, "powersgd_decode_residual", size, make, (m, p, q), 12 * n + small, copy, reps)
+        make = lambda impl: lambda pp: powersgd.gram_schmidt(pp, impl=impl)
+        _bench_pair(
+            results, "powersgd_gram_schmidt", f"{b}x{rows},r{rank}", make, (p,), 2 * small, copy, reps
+        )
+        del g, e, m
+
+
 def _eigh_root(a, p):
     w, v = jnp.linalg.eigh(a)
     w = jnp.maximum(w, 0.0) + 1e-6 * jnp.linalg.norm(a, axis=(1, 2))[:, None]
@@ -204,12 +230,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--roots", default="1024x128,256x64,16x1024", help="root batches BxM, comma-separated"
     )
-    parser.add_argument("--only", default="quantize,topk,roots", help="which groups to run")
+    parser.add_argument(
+        "--powersgd", default="1x4096x4096,64x512x512,16x768x3072", help="PowerSGD batches BxRxC"
+    )
+    parser.add_argument("--only", default="quantize,topk,roots,powersgd", help="which groups to run")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--out", default="kernel_bench.json")
     args = parser.parse_args(argv)
     if args.small:
         args.sizes, args.topk_sizes, args.roots, args.reps = "4096,20000", "20000", "2x16,2x32", 2
+        args.powersgd = "2x40x96"
     only = set(args.only.split(","))
     results: list = []
     device = jax.devices()[0]
@@ -228,6 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "roots" in only:
         configs = [tuple(int(v) for v in c.split("x")) for c in args.roots.split(",") if c.strip()]
         bench_roots(results, configs, args.reps)
+    if "powersgd" in only:
+        configs = [tuple(int(v) for v in c.split("x")) for c in args.powersgd.split(",") if c.strip()]
+        bench_powersgd(results, configs, args.reps)
     report = {"info": info, "results": results}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
