@@ -71,6 +71,14 @@ REGISTRY = {
         lambda ax: optdist.compressed_mean(compressors.sign(), ax, feedback="econtrol")
     ),
     "compressed_mean[terngrad]": Entry(lambda ax: optdist.compressed_mean(compressors.terngrad(), ax)),
+    # Fused EF kernels (impl="auto": the XLA reference on CPU; scaled_sign shares int8's builder).
+    "compressed_mean[int8+ef]": Entry(
+        lambda ax: optdist.compressed_mean(compressors.int8(16, "stochastic"), ax, feedback="ef")
+    ),
+    "compressed_mean[ternary]": Entry(lambda ax: optdist.compressed_mean(compressors.ternary(16), ax)),
+    "compressed_mean[threshold_top_k+ef]": Entry(
+        lambda ax: optdist.compressed_mean(compressors.threshold_top_k(0.3), ax, feedback="ef")
+    ),
     "compressed_mean[rand_k]": Entry(lambda ax: optdist.compressed_mean(compressors.rand_k(0.5), ax)),
     "compressed_mean[demo]": Entry(lambda ax: optdist.compressed_mean(compressors.demo(4, 2), ax)),
     "compressed_mean[fp16]": Entry(lambda ax: optdist.compressed_mean(compressors.cast(jnp.float16), ax)),

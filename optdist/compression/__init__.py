@@ -6,7 +6,8 @@ or PowerSGD's two all-reduces). Use one with
 :func:`optdist.compressed_mean` (optionally with error feedback).
 """
 
-from optdist.compression.base import Aggregate, Compressor, gathered, summable
+from optdist.compression.base import Aggregate, Compressor, gathered, gathered_ef, summable
+from optdist.compression.bucketed import int8, scaled_sign, ternary
 from optdist.compression.cast import cast
 from optdist.compression.demo import demo
 from optdist.compression.powersgd import PowerSGDState, powersgd
@@ -14,6 +15,7 @@ from optdist.compression.qsgd import qsgd
 from optdist.compression.rand_k import rand_k
 from optdist.compression.sign import sign
 from optdist.compression.terngrad import terngrad
+from optdist.compression.threshold_top_k import threshold_top_k
 from optdist.compression.top_k import top_k
 
 __all__ = [
@@ -23,11 +25,16 @@ __all__ = [
     "cast",
     "demo",
     "gathered",
+    "gathered_ef",
+    "int8",
     "powersgd",
     "qsgd",
     "rand_k",
+    "scaled_sign",
     "sign",
     "summable",
     "terngrad",
+    "ternary",
+    "threshold_top_k",
     "top_k",
 ]

@@ -21,6 +21,11 @@ once:
 * :func:`gathered`: payloads are all-gathered (one collective for the tree)
   and ``mean = combine_j decode(payload_j)`` (mean by default).
 
+A compressor may also provide ``aggregate_ef``, a fused error-feedback path
+(:func:`gathered_ef` builds one from a kernel that encodes ``p = x + e`` and
+writes the new residual ``p - C_i(p)`` in the same pass);
+:func:`optdist.compressed_mean` uses it for ``feedback="ef"`` when present.
+
 Scalars, and leaves whose compression rate (leaf bytes / payload bytes, from
 the real encoded arrays) is below ``min_compression_rate``, skip compression
 and go through one plain all-reduce mean together. (Vectors are compressed by
@@ -61,11 +66,17 @@ class Compressor(NamedTuple):
         per-worker randomness fold in the worker index themselves. ``step`` is the
         step count (int32 scalar).
       name: a short human-readable name, e.g. ``"top_k(0.01)"``.
+      aggregate_ef: optional fused error-feedback path,
+        ``aggregate_ef(x, error, state, key, step, bytes_sent, axis_name) -> (Aggregate, new_error)``:
+        it aggregates ``p = x + error`` exactly as ``aggregate(p)`` would and returns the new residual
+        ``p - C_i(p)`` computed in the same pass (``Aggregate.local`` is None there). None: error
+        feedback adds, aggregates and subtracts in separate steps.
     """
 
     init: Callable[[Any], Any]
     aggregate: Callable[..., Aggregate]
     name: str
+    aggregate_ef: Callable[..., tuple[Aggregate, Any]] | None = None
 
 
 def compute_dtype(dtype: Any) -> np.dtype:
@@ -269,7 +280,6 @@ def gathered(
         channel = Channel(axis_name)
         keys = [private_key(k, channel) for k in leaf_keys(key, len(leaves))]
         compressed = plan(leaves)
-        plain = [i for i in range(len(leaves)) if i not in compressed]
         new_state = list(state) if stateful else state
         payloads = []
         for i in compressed:
@@ -278,21 +288,118 @@ def gathered(
             else:
                 payload = encode(_flat(leaves[i]), keys[i])
             payloads.append(payload)
-        mean_leaves = list(leaves)
+        mean_of = lambda stacked, size: combine(jax.vmap(lambda p: decode(p, size))(stacked))
+        mean_leaves = _exchange(leaves, compressed, payloads, channel, mean_of)
         local_leaves = list(leaves)
-        if compressed:
-            stacked = packed(channel.all_gather, payloads, gathered=True)
-            for j, i in enumerate(compressed):
-                size = leaves[i].size
-                decoded = jax.vmap(lambda p, size=size: decode(p, size))(stacked[j])
-                mean_leaves[i] = restore(leaves[i], combine(decoded))
-                local_leaves[i] = restore(leaves[i], decode(payloads[j], size))
-        if plain:
-            for i, m in zip(plain, packed(channel.pmean, [leaves[i] for i in plain])):
-                mean_leaves[i] = m
+        for j, i in enumerate(compressed):
+            local_leaves[i] = restore(leaves[i], decode(payloads[j], leaves[i].size))
         if stateful:
             new_state = tuple(new_state)
         unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)
         return Aggregate(unflat(mean_leaves), unflat(local_leaves), new_state, bytes_sent.add(channel.nbytes))
 
     return Compressor(init, aggregate, name)
+
+
+def _exchange(
+    leaves: list, compressed: list[int], payloads: list, channel: Channel, mean_of: Callable
+) -> list:
+    """The gathered protocol's communication: one all-gather carries every compressed leaf's payload
+    (``mean_of(stacked_payload, size) -> flat mean``), one all-reduce mean carries the other leaves."""
+    mean_leaves = list(leaves)
+    if compressed:
+        stacked = packed(channel.all_gather, payloads, gathered=True)
+        for j, i in enumerate(compressed):
+            mean_leaves[i] = restore(leaves[i], mean_of(stacked[j], leaves[i].size))
+    plain = [i for i in range(len(leaves)) if i not in compressed]
+    if plain:
+        for i, m in zip(plain, packed(channel.pmean, [leaves[i] for i in plain])):
+            mean_leaves[i] = m
+    return mean_leaves
+
+
+def gathered_ef(
+    name: str,
+    encode_ef: Callable[[jax.Array, jax.Array, jax.Array], tuple[Any, jax.Array]],
+    decode_accumulate: Callable[[Any, jax.Array], jax.Array],
+    *,
+    min_compression_rate: float = 1.0,
+) -> Compressor:
+    """A stateless gathered compressor built on a fused error-feedback encoder (e.g. a Pallas kernel).
+
+    ``encode_ef(x, e, key) -> (payload, e_new)`` encodes ``p = x + e`` (flat float32) and returns the
+    residual ``e_new = p - decode(payload)`` from the same pass; ``key`` differs per worker.
+    ``decode_accumulate(payload, acc) -> acc + decode(payload)`` (flat float32).
+
+    * ``aggregate(x)`` encodes with ``e = 0``; ``local = decode_accumulate(payload, 0)``.
+    * ``aggregate_ef(x, error)`` encodes ``x + error`` in one pass and returns ``e_new`` as the new
+      residual (the leaf's dtype); :func:`optdist.compressed_mean` uses it for ``feedback="ef"``.
+
+    Both run the protocol of :func:`gathered`: one all-gather of every compressed leaf's payload, and
+    the receive side sums the workers' payloads with ``decode_accumulate`` in worker order, then
+    divides by ``n``. Uncompressed leaves (scalars, or where the payload would not be
+    ``min_compression_rate`` times smaller) go through one all-reduce mean, and their residual is 0
+    (they are sent exactly).
+    """
+
+    def encode(x, key):
+        return encode_ef(x, jnp.zeros_like(x), key)[0]
+
+    def mean_of(stacked, size):
+        def body(acc, payload):
+            return decode_accumulate(payload, acc), None
+
+        total, _ = jax.lax.scan(body, jnp.zeros((size,), jnp.float32), stacked)
+        return total / jax.tree_util.tree_leaves(stacked)[0].shape[0]
+
+    def plan(leaves):
+        return [
+            i
+            for i, leaf in enumerate(leaves)
+            if is_compressible(leaf, _encoded_nbytes(encode, leaf), min_compression_rate)
+        ]
+
+    def encode_all(x, error, key, channel):
+        leaves, treedef = flatten_floating(x, name)
+        keys = [private_key(k, channel) for k in leaf_keys(key, len(leaves))]
+        compressed = plan(leaves)
+        errors = jax.tree_util.tree_leaves(error) if error is not None else [None] * len(leaves)
+        payloads, residuals = [], []
+        for i in compressed:
+            flat = _flat(leaves[i])
+            e = jnp.zeros_like(flat) if errors[i] is None else _flat(errors[i])
+            payload, e_new = encode_ef(flat, e, keys[i])
+            payloads.append(payload)
+            residuals.append(e_new)
+        return leaves, treedef, compressed, payloads, residuals
+
+    def aggregate(x, state, key, step, bytes_sent, axis_name):
+        del step
+        channel = Channel(axis_name)
+        leaves, treedef, compressed, payloads, _ = encode_all(x, None, key, channel)
+        mean_leaves = _exchange(leaves, compressed, payloads, channel, mean_of)
+        local_leaves = list(leaves)
+        for j, i in enumerate(compressed):
+            zeros = jnp.zeros((leaves[i].size,), jnp.float32)
+            local_leaves[i] = restore(leaves[i], decode_accumulate(payloads[j], zeros))
+        unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)
+        return Aggregate(unflat(mean_leaves), unflat(local_leaves), state, bytes_sent.add(channel.nbytes))
+
+    def aggregate_ef(x, error, state, key, step, bytes_sent, axis_name):
+        del step
+        channel = Channel(axis_name)
+        leaves, treedef, compressed, payloads, residuals = encode_all(x, error, key, channel)
+        error_leaves = jax.tree_util.tree_leaves(error)
+        # Uncompressed leaves are sent exactly: their p = x + e is averaged and the residual is 0.
+        sent = [
+            leaf + e if i not in compressed else leaf for i, (leaf, e) in enumerate(zip(leaves, error_leaves))
+        ]
+        mean_leaves = _exchange(sent, compressed, payloads, channel, mean_of)
+        new_error = [jnp.zeros_like(e) for e in error_leaves]
+        for j, i in enumerate(compressed):
+            new_error[i] = restore(error_leaves[i], residuals[j])
+        unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)
+        agg = Aggregate(unflat(mean_leaves), None, state, bytes_sent.add(channel.nbytes))
+        return agg, unflat(new_error)
+
+    return Compressor(lambda params: (), aggregate, name, aggregate_ef)

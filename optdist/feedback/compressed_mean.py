@@ -76,7 +76,9 @@ def compressed_mean(
     * ``"ef"`` (error feedback / error compensation):
       :math:`p_i = g_i + e_i,\; \Delta_i = C_i(p_i),\; e_i \leftarrow p_i - \Delta_i`,
       output :math:`\mathrm{mean}_i \Delta_i`. For PowerSGD :math:`\Delta_i` is the
-      globally decoded matrix (as in the paper).
+      globally decoded matrix (as in the paper). A compressor with a fused
+      error-feedback path (``compressor.aggregate_ef``, e.g. ``compressors.int8``)
+      computes :math:`p_i`, its payload and the new :math:`e_i` in one pass (same math).
     * ``"ef21"``: :math:`c_i = C_i(g_i - h_i),\; h_i \leftarrow h_i + c_i,\;
       h \leftarrow h + \mathrm{mean}_i c_i`, output the new :math:`h`
       (:math:`h = \mathrm{mean}_i h_i` is kept without communicating ``h_i``).
@@ -169,6 +171,12 @@ def compressed_mean(
         error, local_h, shared_h = state.error, state.local_h, state.shared_h
         if feedback is None:
             agg = aggregate(updates)
+            out = agg.mean
+        elif feedback == "ef" and compressor.aggregate_ef is not None:
+            # Fused path: the compressor encodes g + e and writes the new residual in one pass.
+            agg, error = compressor.aggregate_ef(
+                updates, error, state.compressor, key, state.count, state.bytes_sent, axis_name
+            )
             out = agg.mean
         elif feedback == "ef":
             p = _tree_add(updates, error)
