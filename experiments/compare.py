@@ -41,20 +41,43 @@ def modeled_time_to_target(history, config, summary) -> float | None:
     return None
 
 
+def steps_to_loss(history, target: float) -> int | None:
+    """The first evaluated step whose test loss is at or below ``target``, or None."""
+    return next((r["step"] for r in history if r["test_loss"] <= target), None)
+
+
+def add_steps_to_reference_loss(rows, histories, reference: str) -> None:
+    """Adds, per row, the steps to reach ``reference``'s final test loss and the ratio to its steps."""
+    ref = next((r for r in rows if r["method"] == reference), None)
+    if ref is None:
+        raise ValueError(f"loss_target_method={reference!r} is not among the compared methods.")
+    for r in rows:
+        steps = steps_to_loss(histories[r["method"]], ref["test_loss"])
+        r["steps_to_reference_loss"] = steps
+        r["step_ratio_to_reference"] = None if steps is None else steps / ref["step"]
+
+
 def format_table(rows, config) -> str:
     target = f"t->{config.target_accuracy:.0%} @{config.bandwidth_gbit:g}Gb/s"
+    by_loss = "steps_to_reference_loss" in rows[0]
+    loss_head = f" {'steps->ref loss':>16}" if by_loss else ""
     head = (
-        f"{'method':<22} {'train loss':>10} {'test acc':>9} {'MiB/worker':>11} {'fewer B':>9} "
-        f"{'wall s':>7} {target:>16}"
+        f"{'method':<26} {'train loss':>10} {'test loss':>9} {'test acc':>9} {'MiB/worker':>11} "
+        f"{'fewer B':>9} {'wall s':>7} {target:>16}{loss_head}"
     )
     lines = [head, "-" * len(head)]
     ref = next((r["bytes_per_worker"] for r in rows if r["method"] == "exact_mean"), None)
     for r in rows:
         ratio = f"{ref / r['bytes_per_worker']:.1f}x" if ref and r["bytes_per_worker"] else "-"
         ttt = f"{r['time_to_target']:.3f}s" if r["time_to_target"] is not None else "not reached"
+        loss_col = ""
+        if by_loss:
+            steps = r["steps_to_reference_loss"]
+            reached = "not reached" if steps is None else f"{steps} ({r['step_ratio_to_reference']:.2f}x)"
+            loss_col = f" {reached:>16}"
         lines.append(
-            f"{r['method']:<22} {r['train_loss']:>10.4f} {r['test_accuracy']:>9.4f} "
-            f"{r['bytes_per_worker'] / 2**20:>11.3f} {ratio:>9} {r['wall_time']:>7.1f} {ttt:>16}"
+            f"{r['method']:<26} {r['train_loss']:>10.4f} {r['test_loss']:>9.4f} {r['test_accuracy']:>9.4f} "
+            f"{r['bytes_per_worker'] / 2**20:>11.3f} {ratio:>9} {r['wall_time']:>7.1f} {ttt:>16}{loss_col}"
         )
     return "\n".join(lines)
 
@@ -72,6 +95,8 @@ def run_comparison(config, workdir: str | None) -> list[dict]:
         summary["time_to_target"] = modeled_time_to_target(result["history"], config, summary)
         rows.append(summary)
         histories[name] = result["history"]
+    if config.get("loss_target_method"):
+        add_steps_to_reference_loss(rows, histories, config.loss_target_method)
     print()
     print(format_table(rows, config))
     print(

@@ -85,6 +85,26 @@ COMPRESSED = {
     "sign_ef": (lambda: optdist.compressors.sign(scaled=True), "ef", "scaled sign with EF"),
     "bf16": (lambda: optdist.compressors.cast(jnp.bfloat16), None, "bfloat16 cast"),
     "demo": (lambda: optdist.compressors.demo(64, 8), None, "DeMo: DCT tiles of 64, top-8"),
+    "int8_ef": (
+        lambda: optdist.compressors.int8(256, "nearest"),
+        "ef",
+        "int8, buckets of 256, fused EF kernel",
+    ),
+    "ternary_ef": (
+        lambda: optdist.compressors.ternary(256),
+        "ef",
+        "ternary (2-bit), buckets of 256, fused EF",
+    ),
+    "scaled_sign_ef": (
+        lambda: optdist.compressors.scaled_sign(256),
+        "ef",
+        "scaled sign per bucket, fused EF",
+    ),
+    "threshold_topk_1pct_ef": (
+        lambda: optdist.compressors.threshold_top_k(0.01),
+        "ef",
+        "threshold top-k 1% (no sort), fused EF kernel",
+    ),
 }
 for _name, (_make, _fb, _desc) in COMPRESSED.items():
     register(_name, description=_desc, family="compression")(_compressed(_make, _fb))
@@ -154,29 +174,57 @@ def _fedadam(config, axis_name):
 
 
 # Preconditioning (issue 4): Shampoo after the exact mean, so statistics are identical on all workers.
-for _every in (1, 10):
+# "shampoo" uses SHAMPOO_DEFAULTS updated by config.shampoo; "shampoo/every<k>/block<b>" (either part
+# optional) overrides the refresh cadence and the block size.
+SHAMPOO_DEFAULTS = {
+    "learning_rate": 3e-3,
+    "block_size": 128,
+    "precondition_every": 10,
+    "start_preconditioning_step": 10,
+    "beta2": 0.999,
+    "momentum": 0.0,
+    "gradient_ema": 0.0,  # > 0: precondition a debiased EMA of the gradients (filtered gradient)
+    "grafting": "adam",
+    "graft_beta2": 0.999,
+    "matrix_epsilon": 1e-6,
+    "exponent_override": None,
+}
 
-    def _shampoo(config, axis_name, every=_every):
+
+def _shampoo_options(config, overrides: dict) -> dict:
+    options = dict(SHAMPOO_DEFAULTS)
+    unknown = set(config.get("shampoo", {})) - set(options)
+    if unknown:
+        raise ValueError(f"config.shampoo has unknown keys {sorted(unknown)}; known: {sorted(options)}.")
+    options.update(dict(config.get("shampoo", {})))
+    options.update(overrides)
+    return options
+
+
+def shampoo_method(name: str) -> Method:
+    """Parses ``shampoo[/every<k>][/block<b>]`` into a :class:`Method`."""
+    overrides = {}
+    for part in name.split("/")[1:]:
+        for prefix, key in (("every", "precondition_every"), ("block", "block_size")):
+            if part.startswith(prefix) and part[len(prefix) :].isdigit():
+                overrides[key] = int(part[len(prefix) :])
+                break
+        else:
+            raise ValueError(f"Shampoo methods are named shampoo[/every<k>][/block<b>]; got {name!r}.")
+
+    def build_fn(config, axis_name):
+        options = _shampoo_options(config, overrides)
+        lr, ema = options.pop("learning_rate"), options.pop("gradient_ema")
         return optax.chain(
             optdist.mean_gradients(axis_name),
-            optdist.shampoo(
-                config.get("shampoo_learning_rate", 3e-3),  # Adam grafting: an Adam-sized step
-                block_size=128,
-                beta2=0.999,
-                momentum=0.9,
-                weight_decay=config.get("weight_decay", 0.0),
-                precondition_every=every,
-                start_preconditioning_step=10,
-                grafting="adam",
-                matrix_epsilon=1e-6,
-            ),
+            *([optax.ema(ema, debias=True)] if ema else []),
+            optdist.shampoo(lr, weight_decay=config.get("weight_decay", 0.0), **options),
         )
 
-    register(
-        f"shampoo_every{_every}",
-        description=f"exact mean + Shampoo (Adam grafting), refresh {_every}",
-        family="preconditioning",
-    )(_shampoo)
+    return Method(build_fn, True, f"exact mean + Shampoo {overrides or ''}".strip(), "preconditioning")
+
+
+METHODS["shampoo"] = shampoo_method("shampoo")
 
 
 # Byzantine robustness (issue 6): parametric names "robust/<attack>/<aggregator>[+nnm][+mom]",
@@ -237,10 +285,14 @@ def build(config, axis_name: str = "data") -> optax.GradientTransformation:
     """The transform named by ``config.method``, wrapped in the agreed non-finite skip."""
     if config.method.startswith("robust/"):
         method = robust_method(config.method)
+    elif config.method.startswith("shampoo/"):
+        method = shampoo_method(config.method)
     elif config.method in METHODS:
         method = METHODS[config.method]
     else:
-        raise ValueError(f"Unknown method {config.method!r}; choose one of {sorted(METHODS)} or robust/...")
+        raise ValueError(
+            f"Unknown method {config.method!r}; choose one of {sorted(METHODS)}, robust/... or shampoo/..."
+        )
     tx = method.build(config, axis_name)
     if config.get("skip_nonfinite", True):
         tx = optdist.skip_nonfinite(tx, axis_name if method.communicates else None)
