@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from types import SimpleNamespace
 
 import jax
-import ml_collections
 import optax
 from jax import lax
 
@@ -38,9 +38,8 @@ def _best_time(fn, *args, repeats: int) -> float:
 
 
 def measure(args) -> dict:
-    cfg = ml_collections.ConfigDict(
-        {"model": "transformer", "dim": args.dim, "heads": args.heads, "layers": args.layers}
-        | {"seq_len": args.seq}
+    cfg = SimpleNamespace(
+        model="transformer", dim=args.dim, heads=args.heads, layers=args.layers, seq_len=args.seq
     )
     params, apply_fn = models.build(cfg, args.vocab, 0)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))

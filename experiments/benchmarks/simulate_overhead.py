@@ -14,9 +14,9 @@ import argparse
 import json
 import platform
 import time
+from types import SimpleNamespace
 
 import jax
-import ml_collections
 import optax
 
 import optdist
@@ -37,9 +37,7 @@ def _time(fn, *args, repeats: int) -> float:
 
 
 def measure(model: str, workers: int, batch: int, steps: int, repeats: int) -> dict:
-    cfg = ml_collections.ConfigDict(
-        {"model": model, "hidden": 128, "dim": 64, "heads": 4, "layers": 2, "seq_len": 64}
-    )
+    cfg = SimpleNamespace(model=model, hidden=128, dim=64, heads=4, layers=2, seq_len=64)
     vocab = 128 if model == "transformer" else 10
     params, apply_fn = models.build(cfg, vocab, 0)
     key = jax.random.key(0)
