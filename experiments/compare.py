@@ -60,9 +60,10 @@ def add_steps_to_reference_loss(rows, histories, reference: str) -> None:
 def format_table(rows, config) -> str:
     target = f"t->{config.target_accuracy:.0%} @{config.bandwidth_gbit:g}Gb/s"
     by_loss = "steps_to_reference_loss" in rows[0]
+    width = max(22, *(len(r["method"]) for r in rows))
     loss_head = f" {'steps->ref loss':>16}" if by_loss else ""
     head = (
-        f"{'method':<26} {'train loss':>10} {'test loss':>9} {'test acc':>9} {'MiB/worker':>11} "
+        f"{'method':<{width}} {'train loss':>10} {'test loss':>9} {'test acc':>9} {'MiB/worker':>11} "
         f"{'fewer B':>9} {'wall s':>7} {target:>16}{loss_head}"
     )
     lines = [head, "-" * len(head)]
@@ -76,7 +77,8 @@ def format_table(rows, config) -> str:
             reached = "not reached" if steps is None else f"{steps} ({r['step_ratio_to_reference']:.2f}x)"
             loss_col = f" {reached:>16}"
         lines.append(
-            f"{r['method']:<26} {r['train_loss']:>10.4f} {r['test_loss']:>9.4f} {r['test_accuracy']:>9.4f} "
+            f"{r['method']:<{width}} {r['train_loss']:>10.4f} {r['test_loss']:>9.4f} "
+            f"{r['test_accuracy']:>9.4f} "
             f"{r['bytes_per_worker'] / 2**20:>11.3f} {ratio:>9} {r['wall_time']:>7.1f} {ttt:>16}{loss_col}"
         )
     return "\n".join(lines)

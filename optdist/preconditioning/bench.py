@@ -79,12 +79,13 @@ def bench_steps(num: int, dim: int, block: int, reps: int, ks: list[int]) -> lis
     adamw_ms = _update_timer(optax.adamw(1e-3), params, grads, reps, refresh=False)
     blocks = num * (-(-dim // block)) ** 2
     rows = []
-    configs = [
-        ("highest", PRECISIONS["highest"], None),
-        ("default", PRECISIONS["default"], None),
-        ("highest+bf16_stats", PRECISIONS["highest"], jnp.bfloat16),
+    configs = [  # (name, precision, statistics dtype, preconditioner dtype)
+        ("highest", PRECISIONS["highest"], None, None),
+        ("default", PRECISIONS["default"], None, None),
+        ("highest+bf16_stats", PRECISIONS["highest"], jnp.bfloat16, None),
+        ("highest+int16_stats+int8_pre", PRECISIONS["highest"], jnp.int16, jnp.int8),
     ]
-    for name, precision, stat_dtype in configs:
+    for name, precision, stat_dtype, pre_dtype in configs:
         tx = scale_by_shampoo(
             block,
             grafting="rmsprop",
@@ -94,6 +95,7 @@ def bench_steps(num: int, dim: int, block: int, reps: int, ks: list[int]) -> lis
             statistics_every=1,
             precision=precision,
             statistics_dtype=stat_dtype,
+            preconditioner_dtype=pre_dtype,
         )
         plain = _update_timer(tx, params, grads, reps, refresh=False)
         refresh = _update_timer(tx, params, grads, max(1, reps // 3), refresh=True)

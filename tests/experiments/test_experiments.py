@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import optdist
-from experiments import compare, data, train
+from experiments import compare, data, methods, train
 from experiments.configs import charlm as charlm_config
 from experiments.configs import compare as compare_config
 from experiments.configs import digits as digits_config
@@ -85,6 +85,30 @@ def test_compare_prints_table_and_writes_outputs(tmp_path, capsys):
     assert rows[1]["bytes_per_worker"] == 0
     assert rows[0]["time_to_target"] is not None
     assert (tmp_path / "results.json").exists() and (tmp_path / "plot.png").exists()
+
+
+def test_steps_to_reference_loss_and_shampoo_names():
+    hist = {
+        "ref": [{"step": 10, "test_loss": 2.0}, {"step": 20, "test_loss": 1.5}],
+        "fast": [{"step": 10, "test_loss": 1.4}, {"step": 20, "test_loss": 1.2}],
+        "slow": [{"step": 10, "test_loss": 1.9}, {"step": 20, "test_loss": 1.6}],
+    }
+    rows = [{"method": m, "test_loss": h[-1]["test_loss"], "step": 20} for m, h in hist.items()]
+    compare.add_steps_to_reference_loss(rows, hist, "ref")
+    assert [r["steps_to_reference_loss"] for r in rows] == [20, 10, None]
+    assert [r["step_ratio_to_reference"] for r in rows] == [1.0, 0.5, None]
+    with pytest.raises(ValueError, match="loss_target_method"):
+        compare.add_steps_to_reference_loss(rows, hist, "absent")
+    config = tiny_digits()
+    config.shampoo = {"beta2": 0.9}
+    assert methods.shampoo_method("shampoo/every5/block16/graftadam").family == "preconditioning"
+    assert methods._shampoo_options(config, {"block_size": 16})["beta2"] == 0.9
+    for bad in ("shampoo/every", "shampoo/graftlion", "shampoo/x3"):
+        with pytest.raises(ValueError, match="shampoo"):
+            methods.shampoo_method(bad)
+    config.shampoo = {"beta_two": 0.9}
+    with pytest.raises(ValueError, match="beta_two"):
+        methods._shampoo_options(config, {})
 
 
 def test_charlm_config_builds_and_steps():
