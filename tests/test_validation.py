@@ -46,6 +46,8 @@ BAD = [
     ("compressed_mean", lambda: optdist.compressed_mean("top_k", "data"), "compressor"),
     ("powersgd", lambda: optdist.powersgd(0, "data"), "rank"),
     ("compressors.powersgd", lambda: optdist.compressors.powersgd(-1), "rank"),
+    ("compressors.powersgd", lambda: optdist.compressors.powersgd(2, impl="cuda"), "impl"),
+    ("powersgd", lambda: optdist.powersgd(2, "data", impl="triton"), "impl"),
     ("compressors.top_k", lambda: optdist.compressors.top_k(0.0), "ratio"),
     ("compressors.top_k", lambda: optdist.compressors.top_k(1.5), "ratio"),
     ("compressors.rand_k", lambda: optdist.compressors.rand_k(-0.1), "ratio"),

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optdist import _checks
 from optdist.comm.branching import worker_cond
@@ -15,6 +16,9 @@ from optdist.compression.base import Aggregate, Compressor, compute_dtype, flatt
 
 _ORTHOGONALIZATIONS = ("auto", "qr", "gram_schmidt")
 _LAYOUTS = ("channels_last", "channels_first")
+# Every product in float32 (no TF32 / bf16 passes on GPU), in the plain and the fused path alike, so
+# both compute the same numbers on every backend (the kernels' XLA references use HIGHEST too).
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class PowerSGDState(NamedTuple):
@@ -59,8 +63,19 @@ def _plan(leaves, rank: int, min_compression_rate: float, layout: str) -> tuple[
     return [_Group(*k, tuple(v)) for k, v in groups.items()], plain
 
 
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+def _transpose(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
 def _gram_schmidt(p: jax.Array) -> jax.Array:
-    """Orthonormal columns of ``p`` (``[..., m, r]``), modified Gram-Schmidt; zero columns stay zero."""
+    """Orthonormal columns of ``p`` (``[..., m, r]``), modified Gram-Schmidt; zero columns stay zero.
+
+    The dtype-preserving XLA path for factors the kernel module cannot take (its Gram–Schmidt, same
+    math, computes in float32 with ``r <= 8``)."""
     cols = []
     for i in range(p.shape[-1]):
         c = p[..., i]
@@ -80,6 +95,11 @@ def _random_q(key: jax.Array, group_index: int, group: _Group) -> jax.Array:
     return jax.random.normal(jax.random.fold_in(key, group_index), shape, group.dtype)
 
 
+def _stack(leaves: list, group: _Group) -> jax.Array:
+    """The group's leaves as one ``[B, rows, cols]`` batch in the group's compute dtype."""
+    return jnp.stack([leaves[i].reshape(group.rows, group.cols).astype(group.dtype) for i in group.leaves])
+
+
 def powersgd(
     rank: int,
     warm_start: bool = True,
@@ -88,6 +108,7 @@ def powersgd(
     start_step: int = 0,
     seed: int = 0,
     matrix_layout: str = "channels_last",
+    impl: str = "auto",
 ) -> Compressor:
     r"""PowerSGD's rank-``r`` compressor and its two-all-reduce protocol.
 
@@ -113,7 +134,30 @@ def powersgd(
     averaged exactly, packed into the P all-reduce. Leaves with the same matrix
     shape are batched: a step issues exactly two all-reduces for the whole tree.
     Before ``start_step`` every leaf is averaged exactly (one all-reduce; Q is
-    left untouched, ``local = x`` so an EF residual stays zero).
+    left untouched, ``local = x`` so an EF residual stays zero). The products are
+    computed in float32 at ``HIGHEST`` precision (no TF32 on GPU).
+
+    Fused error feedback (``aggregate_ef``, used by
+    ``compressed_mean(..., feedback="ef")`` and :func:`optdist.powersgd`): per batch of
+    same-shaped matrices, :func:`optdist_kernels.ef_project` forms
+    :math:`M_i = G_i + E_i` and :math:`M_i Q` in one pass over ``G`` and ``E``, and after the
+    second all-reduce :func:`optdist_kernels.decode_residual` writes the decoded
+    :math:`\bar M = \hat P Q^\top` and the new residual :math:`E_i = M_i - \bar M` in one pass
+    over ``M``; Gram–Schmidt runs as :func:`optdist_kernels.gram_schmidt`. :math:`M_i^\top \hat P`
+    stays an XLA product (a collective separates it from the residual write). Same math, same
+    collectives, same bytes as adding, aggregating and subtracting in separate steps; leaves sent
+    exactly get residual 0. (For float32 leaves the two paths agree to float32 rounding; for
+    bf16/fp16 leaves the fused path forms :math:`G_i + E_i` in float32 rather than in the leaf
+    dtype.)
+
+    ``impl`` selects how those fused steps (and Gram–Schmidt, in either path) run: ``"xla"``
+    the kernels' pure-JAX references, ``"pallas"`` the Pallas kernels (interpret mode off GPU),
+    ``"auto"`` (default) the kernel only on a backend where it was measured faster than XLA
+    (:data:`optdist_kernels.AUTO_BACKENDS`; none yet, so ``"auto"`` is XLA until a GPU
+    measurement lists it) and never fails. Groups the kernels cannot take (rank ``> 8``, a
+    compute dtype other than float32, a Gram–Schmidt factor with
+    ``next_pow2(rows) · next_pow2(r) > 2**16``) use XLA under ``"auto"``/``"xla"`` and raise a
+    ``ValueError`` under ``"pallas"``. QR orthogonalization is always XLA.
 
     State (identical on every worker): ``Q`` per group, initialized from
     ``seed`` (i.i.d. normal, the same on all workers); without warm start a
@@ -121,6 +165,10 @@ def powersgd(
 
     Bytes per step: the ring all-reduce of all P's (``rows × r`` per matrix) with
     the uncompressed leaves, then of all Q's (``cols × r`` per matrix).
+
+    Non-finite policy: that of :func:`optdist.compressed_mean` (a non-finite
+    gradient makes the all-reduced factors, hence the mean, non-finite; the
+    step's state update is then skipped on every worker).
 
     Args:
       rank: target rank ``r >= 1``.
@@ -132,9 +180,11 @@ def powersgd(
       start_step: exact averaging for steps ``< start_step``.
       seed: seed of ``Q``'s random init.
       matrix_layout: ``"channels_last"`` or ``"channels_first"`` (see above).
+      impl: ``"auto"``, ``"pallas"`` or ``"xla"`` (see above).
 
     Returns:
-      A :class:`~optdist.compression.Compressor` with :class:`PowerSGDState`.
+      A :class:`~optdist.compression.Compressor` with :class:`PowerSGDState` and a fused
+      ``aggregate_ef``.
 
     Example::
 
@@ -145,6 +195,9 @@ def powersgd(
       Vogels, Karimireddy, Jaggi, "PowerSGD: Practical Low-Rank Gradient Compression for
       Distributed Optimization", NeurIPS 2019.
     """
+    from optdist_kernels import powersgd as kernels
+    from optdist_kernels._dispatch import IMPLS, next_pow2
+
     rank = _checks.positive_int(rank, "rank")
     if orthogonalization not in _ORTHOGONALIZATIONS:
         raise ValueError(
@@ -157,10 +210,56 @@ def powersgd(
         raise TypeError(f"seed must be an int; got {seed!r}.")
     if matrix_layout not in _LAYOUTS:
         raise ValueError(f"matrix_layout must be one of {_LAYOUTS}; got {matrix_layout!r}.")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}.")
 
-    def orthonormalize(p):
-        use_gs = orthogonalization == "gram_schmidt" or (orthogonalization == "auto" and p.shape[-1] <= 4)
-        return _gram_schmidt(p) if use_gs else _qr(p)
+    def kernel_limit(group: _Group) -> str | None:
+        """Why the fused EF kernels cannot take this group (None: they can)."""
+        if np.dtype(group.dtype) != np.float32:
+            return f"the kernels compute in float32, the group's compute dtype is {np.dtype(group.dtype)}"
+        if group.rank > kernels.MAX_RANK:
+            return f"the kernels take rank <= {kernels.MAX_RANK}"
+        return None
+
+    def gram_schmidt_limit(group: _Group) -> str | None:
+        limit = kernel_limit(group)
+        if limit is None and next_pow2(group.rows) * next_pow2(group.rank) > kernels.MAX_ORTHO_ELEMENTS:
+            limit = f"next_pow2(rows) * next_pow2(rank) must be <= {kernels.MAX_ORTHO_ELEMENTS} (on chip)"
+        return limit
+
+    def use_kernel(group: _Group, limit: str | None, what: str) -> bool:
+        """True if ``what`` runs through the kernel module; raises for ``impl="pallas"`` if it cannot."""
+        if limit is None:
+            return True
+        if impl == "pallas":
+            raise ValueError(
+                f"powersgd(impl='pallas'): {what} of the {len(group.leaves)} x {group.rows} x {group.cols} "
+                f"matrices (rank {group.rank}) cannot run as a Pallas kernel: {limit}. Use impl='auto' "
+                "(falls back to XLA for such shapes) or impl='xla'."
+            )
+        return False
+
+    def orthonormalize(p: jax.Array, group: _Group) -> jax.Array:
+        use_gs = orthogonalization == "gram_schmidt" or (orthogonalization == "auto" and group.rank <= 4)
+        if not use_gs:
+            return _qr(p)
+        if use_kernel(group, gram_schmidt_limit(group), "Gram-Schmidt"):
+            return kernels.gram_schmidt(p, impl=impl)
+        return _gram_schmidt(p)
+
+    def ef_project(g: jax.Array, e: jax.Array, q: jax.Array, group: _Group):
+        """``M = G + E`` and ``M Q`` (fused where the kernels take the group)."""
+        if use_kernel(group, kernel_limit(group), "the fused error feedback"):
+            return kernels.ef_project(g, e, q, impl=impl)
+        m = g + e
+        return m, _matmul(m, q)
+
+    def decode_residual(m: jax.Array, p: jax.Array, q: jax.Array, group: _Group):
+        """``D = P̂ Qᵀ`` and ``M - D`` (fused where the kernels take the group)."""
+        if use_kernel(group, kernel_limit(group), "the fused error feedback"):
+            return kernels.decode_residual(m, p, q, impl=impl)
+        d = _matmul(p, _transpose(q))
+        return d, m - d
 
     def init(params):
         groups, _ = _plan(jax.tree_util.tree_leaves(params), rank, min_compression_rate, matrix_layout)
@@ -169,48 +268,74 @@ def powersgd(
         key = jax.random.key(seed)
         return PowerSGDState(tuple(_random_q(key, g, group) for g, group in enumerate(groups)))
 
-    def aggregate(x, state, key, step, bytes_sent, axis_name):
+    def protocol(x, error, state, key, step, bytes_sent, axis_name):
+        """The two-all-reduce protocol on ``x`` (``error=None``) or on ``x + error`` (fused EF).
+
+        Returns ``(mean, second, q, bytes_sent)`` as leaf lists: ``second`` is the ``local`` decoded
+        value of :class:`Aggregate` without ``error``, the new residual with it.
+        """
         leaves, treedef = flatten_floating(x, "powersgd")
+        errors = None if error is None else treedef.flatten_up_to(error)
         groups, plain = _plan(leaves, rank, min_compression_rate, matrix_layout)
+        # The leaves sent exactly: x, or p = x + e (their new residual is 0).
+        sent_exactly = list(leaves) if errors is None else [x_ + e for x_, e in zip(leaves, errors)]
+        zero_error = None if errors is None else [jnp.zeros_like(e) for e in errors]
         sent = {}
 
         def compressed():
             channel = Channel(axis_name)
-            ms = [
-                jnp.stack([leaves[i].reshape(g.rows, g.cols).astype(g.dtype) for i in g.leaves])
-                for g in groups
-            ]
             qs = state.q if warm_start else [_random_q(key, j, g) for j, g in enumerate(groups)]
-            ps, plain_means = packed(
-                channel.pmean, ([m @ q for m, q in zip(ms, qs)], [leaves[i] for i in plain])
-            )
-            ps = [orthonormalize(p) for p in ps]
-            qs = packed(channel.pmean, [jnp.swapaxes(m, -1, -2) @ p for m, p in zip(ms, ps)])
+            ms, ps = [], []
+            for g, q in zip(groups, qs):
+                if errors is None:
+                    m = _stack(leaves, g)
+                    p = _matmul(m, q)
+                else:
+                    m, p = ef_project(_stack(leaves, g), _stack(errors, g), q, g)
+                ms.append(m)
+                ps.append(p)
+            ps, plain_means = packed(channel.pmean, (ps, [sent_exactly[i] for i in plain]))
+            ps = [orthonormalize(p, g) for p, g in zip(ps, groups)]
+            qs = packed(channel.pmean, [_matmul(_transpose(m), p) for m, p in zip(ms, ps)])
             out = list(leaves)
-            for g, p, q in zip(groups, ps, qs):
-                decoded = p @ jnp.swapaxes(q, -1, -2)
+            second = list(leaves) if errors is None else list(zero_error)
+            for g, m, p, q in zip(groups, ms, ps, qs):
+                if errors is None:
+                    decoded, residual = _matmul(p, _transpose(q)), None
+                else:
+                    decoded, residual = decode_residual(m, p, q, g)
                 for b, i in enumerate(g.leaves):
                     out[i] = decoded[b].reshape(leaves[i].shape).astype(leaves[i].dtype)
-            for i, m in zip(plain, plain_means):
-                out[i] = m
-            local = [out[i] if i not in plain else leaves[i] for i in range(len(leaves))]
+                    if errors is None:
+                        second[i] = out[i]  # local = the globally decoded value
+                    else:
+                        second[i] = residual[b].reshape(errors[i].shape).astype(errors[i].dtype)
+            for i, mean in zip(plain, plain_means):
+                out[i] = mean
             sent["compressed"] = channel.nbytes
-            return out, local, tuple(qs) if warm_start else ()
+            return out, second, tuple(qs) if warm_start else ()
 
         def exact():
             channel = Channel(axis_name)
-            out = packed(channel.pmean, list(leaves))
+            out = packed(channel.pmean, sent_exactly)
             sent["exact"] = channel.nbytes
-            return out, list(leaves), tuple(state.q)
+            return out, list(leaves) if errors is None else list(zero_error), tuple(state.q)
 
         if start_step == 0 or not groups:
-            out, local, q = compressed()
+            out, second, q = compressed()
             bytes_sent = bytes_sent.add(sent["compressed"])
         else:
             on = step >= start_step
-            out, local, q = worker_cond(on, compressed, exact)
+            out, second, q = worker_cond(on, compressed, exact)
             bytes_sent = bytes_sent.add(sent["compressed"], where=on).add(sent["exact"], where=~on)
         unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)
-        return Aggregate(unflat(out), unflat(local), PowerSGDState(q), bytes_sent)
+        return unflat(out), unflat(second), PowerSGDState(q), bytes_sent
 
-    return Compressor(init, aggregate, f"powersgd({rank})")
+    def aggregate(x, state, key, step, bytes_sent, axis_name):
+        return Aggregate(*protocol(x, None, state, key, step, bytes_sent, axis_name))
+
+    def aggregate_ef(x, error, state, key, step, bytes_sent, axis_name):
+        mean, new_error, new_state, bytes_sent = protocol(x, error, state, key, step, bytes_sent, axis_name)
+        return Aggregate(mean, None, new_state, bytes_sent), new_error
+
+    return Compressor(init, aggregate, f"powersgd({rank})", aggregate_ef)

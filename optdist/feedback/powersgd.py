@@ -19,6 +19,7 @@ def powersgd(
     start_step: int = 0,
     seed: int = 0,
     matrix_layout: str = "channels_last",
+    impl: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     r"""PowerSGD (rank ``r``) with its error feedback, replacing gradients by the decoded mean.
 
@@ -29,11 +30,19 @@ def powersgd(
     (``Q`` shared, ``e_i`` per worker) and :func:`optdist.compressed_mean` for
     the non-finite policy.
 
+    The error feedback is fused per batch of same-shaped matrices: :math:`M_i = g_i + e_i` with
+    the projection :math:`M_i Q` in one pass, and the decoded :math:`\bar M` with the residual
+    :math:`M_i - \bar M` in one pass (the compressor's ``aggregate_ef``); ``impl`` picks the
+    Pallas kernels or their XLA references for those passes. ``"auto"`` runs XLA until a GPU
+    measurement lists the kernels in :data:`optdist_kernels.AUTO_BACKENDS`.
+
     Args:
       rank: target rank ``r >= 1``.
       axis_name: worker axis, or None for one worker.
       warm_start, orthogonalization, min_compression_rate, start_step, seed, matrix_layout: see
         :func:`optdist.compression.powersgd`.
+      impl: ``"auto"``, ``"pallas"`` or ``"xla"``: how the fused error-feedback steps and
+        Gram–Schmidt run (see :func:`optdist.compression.powersgd`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -54,5 +63,6 @@ def powersgd(
         start_step=start_step,
         seed=seed,
         matrix_layout=matrix_layout,
+        impl=impl,
     )
     return compressed_mean(compressor, axis_name, feedback="ef", seed=seed)
