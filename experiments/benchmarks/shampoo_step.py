@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--every", type=lambda s: [int(v) for v in s.split(",")], default=[10, 100])
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="default")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.small:
