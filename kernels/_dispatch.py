@@ -40,6 +40,11 @@ def check_impl(impl: Any) -> str:
     return impl
 
 
+def prefers_pallas(name: str) -> bool:
+    """Whether ``impl="auto"`` would pick kernel ``name``'s Pallas path on the default backend."""
+    return jax.default_backend() in AUTO_BACKENDS.get(name, ())
+
+
 def interpret_mode() -> bool:
     """Pallas runs compiled (Triton) on GPU and in interpret mode on any other backend."""
     return jax.default_backend() != "gpu"

@@ -35,6 +35,13 @@ iterations it is the tracked :math:`\|M_k - I\|_F/\sqrt{m}` of the returned iter
 the explicit residual in exact arithmetic, optimistic under rounding). It is ``NaN``/``Inf`` when the
 input is non-finite, so callers can reject such roots.
 
+``impl`` (iterative methods): ``"xla"`` runs the loop above; ``"pallas"`` runs the Pallas kernel
+:func:`optdist_kernels.batched_inverse_pth_root` on :math:`A_\epsilon` (this module's ridge, added
+before the call), which keeps each block on chip for a *fixed* ``max_iters`` iterations (best iterate
+kept; float32, power-of-two ``16 <= m <= 128``, interpret mode off GPU); ``"auto"`` (default) takes
+the kernel only where :data:`optdist_kernels.AUTO_BACKENDS` lists it for the backend (measured
+faster; none yet) and the block suits it, else ``"xla"`` — so ``"auto"`` never fails.
+
 Matmuls use ``precision=lax.Precision.HIGHEST`` by default: f32 matmuls otherwise default to TF32 on
 recent GPUs, which leaves ~5% error in the roots. Works in float64 when x64 is enabled.
 
@@ -178,6 +185,34 @@ def _coupled_root(a, p, ridge_epsilon, relative, precision, max_iters, tol, schu
     return x_best, ridge, err_best
 
 
+_IMPLS = ("auto", "pallas", "xla")
+_KERNEL = "batched_inverse_pth_root"
+
+
+def _use_kernel(impl: str, a: jax.Array) -> bool:
+    if impl != "auto":
+        return impl == "pallas"
+    from optdist_kernels import _dispatch, roots
+
+    m = a.shape[-1]
+    fits = a.dtype == jnp.float32 and 16 <= m <= roots.MAX_PALLAS_DIM and not m & (m - 1)
+    return fits and _dispatch.prefers_pallas(_KERNEL)
+
+
+def _kernel_root(a, p, method, ridge_epsilon, relative, max_iters, precision, impl):
+    """The Pallas kernel on ``A + ridge I`` (ridge from this module's rule, so the math matches)."""
+    from optdist_kernels import batched_inverse_pth_root
+
+    if a.dtype != jnp.float32:
+        raise ValueError(f"impl='pallas' computes in float32; got a {a.dtype} matrix (use impl='xla').")
+    ridge = _ridge(max_eigenvalue(a, precision=precision), ridge_epsilon, relative)
+    a_reg = (a + ridge[..., None, None] * _eye_like(a)).reshape(-1, *a.shape[-2:])
+    root, err = batched_inverse_pth_root(
+        a_reg, p, method=method, iters=max_iters, ridge_epsilon=0.0, precision=precision, impl=impl
+    )
+    return root.reshape(a.shape), err.reshape(a.shape[:-2])
+
+
 def matrix_inverse_pth_root(
     a: jax.Array,
     p: int,
@@ -188,6 +223,7 @@ def matrix_inverse_pth_root(
     max_iters: int = 100,
     tol: float | None = None,
     precision: Any = lax.Precision.HIGHEST,
+    impl: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     r"""Computes :math:`(A + \epsilon I)^{-1/p}` for symmetric PSD ``a`` of shape ``[..., m, m]``.
 
@@ -204,6 +240,7 @@ def matrix_inverse_pth_root(
       max_iters: iteration cap of the iterative methods.
       tol: stop when every matrix's tracked residual is at most this (default: 10 ulp of the dtype).
       precision: matmul precision (``lax.Precision`` or a dot algorithm preset).
+      impl: ``"auto"``, ``"pallas"`` or ``"xla"`` for the iterative methods (module docstring).
 
     Returns:
       ``(root, error)``: the roots ``[..., m, m]`` and the relative residual estimates of shape
@@ -226,7 +263,15 @@ def matrix_inverse_pth_root(
         tol = 10 * float(jnp.finfo(a.dtype).eps)
     tol = _checks.in_range(tol, "tol", 0.0, float("inf"))
     a = 0.5 * (a + jnp.swapaxes(a, -1, -2))
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}; got {impl!r}.")
+    if impl == "pallas" and method in ("auto", "eigh"):
+        if method == "eigh":
+            raise ValueError("impl='pallas' runs an iterative method; method='eigh' has no kernel.")
+        method = "coupled_newton"
     method = resolve_method(method, a.shape[-1])
+    if method != "eigh" and _use_kernel(impl, a):
+        return _kernel_root(a, p, method, ridge_epsilon, relative_epsilon, max_iters, precision, impl)
     if method == "eigh":
         root, ridge = _eigh_root(a, p, ridge_epsilon, relative_epsilon, precision)
         a_reg = a + ridge[..., None, None] * _eye_like(a)

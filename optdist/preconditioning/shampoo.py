@@ -151,6 +151,7 @@ def scale_by_shampoo(
     graft_epsilon: float = 1e-8,
     root_method: str = "auto",
     root_max_iters: int = 100,
+    root_impl: str = "auto",
     root_error_threshold: float = 0.25,
     precision: Any = lax.Precision.HIGHEST,
     statistics_dtype: Any = None,
@@ -183,6 +184,10 @@ def scale_by_shampoo(
       graft_epsilon: epsilon of AdaGrad/RMSProp/Adam grafting.
       root_method: ``"eigh"``, ``"coupled_newton"``, ``"newton_schulz"`` or ``"auto"``.
       root_max_iters: iteration cap of the iterative root methods.
+      root_impl: ``"auto"``, ``"pallas"`` or ``"xla"``: whether the iterative roots run as the
+        Pallas kernel (blocks kept on chip, a fixed ``root_max_iters`` iterations; see
+        :func:`optdist.matrix_inverse_pth_root`). ``"auto"`` uses it only where it was measured
+        faster (none yet), so by default the roots are the XLA loop with early exit.
       root_error_threshold: reject (keep the previous preconditioner) above this residual estimate.
       precision: matmul precision of statistics, roots and preconditioning.
       statistics_dtype: storage dtype of the statistics: a float dtype (e.g. ``jnp.bfloat16``), or
@@ -232,6 +237,8 @@ def scale_by_shampoo(
     if root_method not in METHODS:
         raise ValueError(f"root_method must be one of {METHODS}; got {root_method!r}.")
     root_max_iters = _checks.positive_int(root_max_iters, "root_max_iters")
+    if root_impl not in ("auto", "pallas", "xla"):
+        raise ValueError(f"root_impl must be one of ('auto', 'pallas', 'xla'); got {root_impl!r}.")
     root_error_threshold = _checks.in_range(root_error_threshold, "root_error_threshold", 0.0, float("inf"))
     statistics_dtype = storage.check_dtype(statistics_dtype, "statistics_dtype")
     preconditioner_dtype = storage.check_dtype(preconditioner_dtype, "preconditioner_dtype")
@@ -371,6 +378,7 @@ def scale_by_shampoo(
                     relative_epsilon=relative_epsilon,
                     max_iters=root_max_iters,
                     precision=precision,
+                    impl=root_impl,
                 )
                 ok = jnp.isfinite(err) & (err <= root_error_threshold) & jnp.all(jnp.isfinite(root), (-2, -1))
                 start = 0
@@ -487,6 +495,7 @@ def shampoo(
     graft_epsilon: float = 1e-8,
     root_method: str = "auto",
     root_max_iters: int = 100,
+    root_impl: str = "auto",
     root_error_threshold: float = 0.25,
     precision: Any = lax.Precision.HIGHEST,
     statistics_dtype: Any = None,
@@ -552,6 +561,7 @@ def shampoo(
             graft_epsilon=graft_epsilon,
             root_method=root_method,
             root_max_iters=root_max_iters,
+            root_impl=root_impl,
             root_error_threshold=root_error_threshold,
             precision=precision,
             statistics_dtype=statistics_dtype,

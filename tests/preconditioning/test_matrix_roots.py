@@ -112,3 +112,23 @@ def test_bad_arguments_are_named():
         pre.matrix_inverse_pth_root(a, 2, method="svd")
     with pytest.raises(ValueError, match="square"):
         pre.matrix_inverse_pth_root(jnp.ones((3, 4)), 2)
+
+
+def test_kernel_impl_matches_reference_and_auto_is_xla_until_measured():
+    """impl='pallas' (interpret mode here) runs the root kernel on this module's ridged matrix."""
+    a = spd_batch(16, CONDS[:3], seed=11)
+    ref = reference_root(a, 4, 1e-6)
+    x = jnp.asarray(a, jnp.float32)
+    for method in ("coupled_newton", "newton_schulz"):
+        root, err = pre.matrix_inverse_pth_root(x, 4, method, impl="pallas", max_iters=40)
+        assert np.all(rel_err(root, ref) < 2e-4), (method, rel_err(root, ref))
+        assert np.all(np.asarray(err) < 1e-3)
+        auto = pre.matrix_inverse_pth_root(x, 4, method, impl="auto")
+        xla = pre.matrix_inverse_pth_root(x, 4, method, impl="xla")
+        np.testing.assert_array_equal(np.asarray(auto[0]), np.asarray(xla[0]))  # AUTO_BACKENDS empty
+    with pytest.raises(ValueError, match="power-of-two"):
+        pre.matrix_inverse_pth_root(jnp.eye(24), 4, "coupled_newton", impl="pallas")
+    with pytest.raises(ValueError, match="eigh"):
+        pre.matrix_inverse_pth_root(x, 4, "eigh", impl="pallas")
+    with pytest.raises(ValueError, match="impl"):
+        pre.matrix_inverse_pth_root(x, 4, impl="triton")

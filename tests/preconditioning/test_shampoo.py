@@ -223,6 +223,7 @@ def test_bad_arguments_are_named():
         (dict(statistics_dtype=jnp.int32), "statistics_dtype"),
         (dict(preconditioner_dtype="uint8"), "preconditioner_dtype"),
         (dict(num_workers=0), "num_workers"),
+        (dict(root_impl="cuda"), "root_impl"),
         (dict(num_workers=2), "num_workers"),
     ]:
         with pytest.raises(ValueError, match=name):
@@ -426,3 +427,26 @@ def test_layout_merges_splits_and_falls_back_and_assignment_balances():
     assert assignment.loads.sum() == sum(costs[k] * n for k, n in zip(layout.keys, layout.group_sizes))
     # LPT: the single 4x8 and 4x1 blocks go to the workers left lightest by the 8x8/8x1 blocks.
     assert assignment.loads.max() - assignment.loads.min() <= costs["8x8"]
+
+
+def test_root_kernel_gives_the_same_directions():
+    """root_impl='pallas' (the on-chip Newton kernel; interpret mode here) vs the XLA loop."""
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.zeros((32, 16))}
+    grads = {"w": jnp.asarray(rng.normal(size=(5, 32, 16)), jnp.float32)}
+    kw = dict(
+        block_size=16,
+        start_preconditioning_step=0,
+        precondition_every=2,
+        grafting="sgd",
+        matrix_epsilon=1e-3,
+        root_method="coupled_newton",
+        root_max_iters=40,
+    )
+    for impl in ("xla", "pallas"):  # the kernel path really is the one taken
+        tx = scale_by_shampoo(**kw, root_impl=impl)
+        jaxpr = str(jax.make_jaxpr(lambda g, s, tx=tx: tx.update(g, s, params))(params, tx.init(params)))
+        assert ("pallas_call" in jaxpr) == (impl == "pallas")
+    _, ref = run_steps(scale_by_shampoo(**kw, root_impl="xla"), grads, params)
+    _, got = run_steps(scale_by_shampoo(**kw, root_impl="pallas"), grads, params)
+    assert_trees_close(got, ref, rtol=1e-3, atol=1e-5)
