@@ -51,3 +51,13 @@ def test_modes_agree(workers):
         got = jax.pmap(_step, axis_name="data")(counts, x)
         for a, b in zip(ref, got):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+def test_nested_simulated_axes():
+    counts = jnp.array([0, 1, 2, 3], jnp.int32)
+    x = jnp.arange(8.0).reshape(4, 2)
+    run = optdist.simulate(_step, ("outer", "inner"), axis_sizes=(2, 2), jit=False)
+    assert "cond" in _top_level(run, jnp.zeros((4,), jnp.int32), x)
+    _, y = jax.jit(run)(counts, x)
+    _, want = optdist.simulate(_step, "data")(counts, x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-6)
