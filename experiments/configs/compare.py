@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.base = digits.get_config()
     c.methods = (  # comma-separated names from experiments.methods
         "exact_mean,local_only,powersgd_r2,topk_1pct_ef,topk_1pct,sign_ef,local_sgd_h10,"
-        "robust/none/trimmed_mean+nnm+mom"
+        "robust/none/trimmed_mean+nnm+mom,shampoo"
     )
     c.target_accuracy = 0.95
     c.bandwidth_gbit = 1.0
