@@ -127,6 +127,22 @@ for _h in (10, 50, 200):
     )(_diloco)
 
 
+@register(
+    "diloco_h50_powersgd_r4",
+    description="DiLoCo H=50, pseudo-gradients compressed by PowerSGD rank 4 with error feedback",
+    family="outer",
+)
+def _diloco_powersgd(config, axis_name):
+    compressed = optdist.powersgd(4, axis_name)  # compressed_mean(powersgd(4), feedback="ef")
+    return optdist.diloco(
+        inner_lr=_inner_lr(config),
+        sync_every=50,
+        axis_name=axis_name,
+        inner_weight_decay=0.0,
+        aggregator=compressed,
+    )
+
+
 @register("local_sgd_h10", description="Local SGD: base optimizer locally, average every 10", family="outer")
 def _local_sgd(config, axis_name):
     return optdist.local_sgd(base_optimizer(config), 10, axis_name)

@@ -56,8 +56,9 @@ class Aggregator(Protocol):
     where ``w`` is this worker's float32 weight (1 participant, 0 not); it
     must then average over participants only. All communication goes through
     ``channel`` so its bytes are counted. Robust aggregators and stateless
-    compressed means plug in through this slot (it holds no state, so a
-    compressor with an error-feedback residual needs a state slot not yet here).
+    compressed means plug in through this slot. A *stateful* aggregation (a
+    compressor with an error-feedback residual, PowerSGD's warm-started ``Q``)
+    is passed to :func:`outer_loop` as a communicating optax transform instead.
     """
 
     def __call__(self, deltas: Any, channel: Channel, *, weights: jax.Array | None = None) -> Any: ...
@@ -111,6 +112,8 @@ class OuterLoopState(NamedTuple):
       outer_state: the outer optimizer's state (identical).
       inner_state: the inner optimizer's state (**per worker**).
       bytes_sent: bytes this worker has sent (identical).
+      aggregator_state: the state of a transform aggregator (e.g. a per-worker
+        error-feedback residual), ``()`` for a function aggregator.
     """
 
     count: jax.Array
@@ -122,6 +125,7 @@ class OuterLoopState(NamedTuple):
     outer_state: Any
     inner_state: Any
     bytes_sent: ByteCounter
+    aggregator_state: Any = ()
 
 
 def _validate_sync_every(sync_every: Any) -> SyncEvery:
@@ -258,7 +262,14 @@ def outer_loop(
         step; values below 1 are clipped to 1 at run time).
       axis_name: the worker axis, or None for one worker.
       aggregator: ``(deltas, channel[, weights=]) -> mean estimate``; default
-        :func:`mean_aggregator`.
+        :func:`mean_aggregator`. Or a communicating optax transform that maps
+        per-worker trees to their aggregate on ``axis_name`` (e.g.
+        ``optdist.compressed_mean(optdist.compressors.top_k(0.01), "data",
+        feedback="ef")``, ``optdist.powersgd(4, "data")``, ``optdist.robust_mean(...)``):
+        it gets the pseudo-gradients ``Δ_i`` (params: the anchor) on sync steps only,
+        its state lives in ``aggregator_state`` (updated at syncs only) and its bytes
+        in its own counters (all read by :func:`optdist.bytes_sent`). Not combinable
+        with partial participation.
       reset_inner_state: re-initialize the inner state at every sync (DiLoCo
         keeps it: default False).
       participation: fixed participation table, ``[num_workers]`` or
@@ -290,8 +301,19 @@ def outer_loop(
     if not isinstance(reset_inner_state, bool):
         raise TypeError(f"reset_inner_state must be a bool; got {reset_inner_state!r}.")
     aggregator = mean_aggregator if aggregator is None else aggregator
-    if not callable(aggregator):
-        raise TypeError(f"aggregator must be callable (deltas, channel) -> mean; got {aggregator!r}.")
+    stateful = isinstance(aggregator, optax.GradientTransformation)
+    if not (stateful or callable(aggregator)):
+        raise TypeError(
+            "aggregator must be callable (deltas, channel) -> mean, or a communicating optax "
+            f"transform (e.g. optdist.compressed_mean(...)); got {aggregator!r}."
+        )
+    if stateful:
+        if table is not None or sample is not None:
+            raise ValueError(
+                "A transform aggregator averages over every worker: it cannot be combined with "
+                "participation / num_participants (use a function aggregator, which gets weights)."
+            )
+        aggregator = optax.with_extra_args_support(aggregator)
     inner = optax.with_extra_args_support(inner)
     outer = optax.with_extra_args_support(outer)
 
@@ -307,6 +329,7 @@ def outer_loop(
             outer_state=outer.init(params),
             inner_state=inner.init(params),
             bytes_sent=ByteCounter.zeros(axis_name),
+            aggregator_state=aggregator.init(params) if stateful else (),
         )
 
     def update_fn(updates, state, params=None, *, participating=None, **extra_args):
@@ -322,8 +345,14 @@ def outer_loop(
         # (under vmap every gated leaf costs a select per step).
         gate_inner = sync_hook is not None or reset_inner_state
 
+        if stateful and participating is not None:
+            raise ValueError(
+                "participating= was passed, but the aggregator is a transform, which averages over "
+                "every worker; use a function aggregator for partial participation."
+            )
+
         def sync(operands):
-            inner_state, anchor, outer_state = operands
+            inner_state, anchor, outer_state, agg_state = operands
             channel = Channel(axis_name)
             flag = _participates(table, sample, seed, state.rounds, channel)
             if participating is not None:
@@ -331,7 +360,11 @@ def outer_loop(
                 flag = given if flag is None else jnp.logical_and(flag, given)
             deltas = jax.tree_util.tree_map(lambda a, x: a - x, anchor, local)
             round_steps = state.since_sync + 1
-            if flag is None:
+            if stateful:
+                delta, agg_state = aggregator.update(deltas, agg_state, anchor)
+                count, ok = jnp.asarray(channel.size, jnp.float32), jnp.asarray(True)
+                flag = jnp.asarray(True)
+            elif flag is None:
                 delta = aggregator(deltas, channel)
                 count, ok = jnp.asarray(channel.size, jnp.float32), jnp.asarray(True)
                 flag = jnp.asarray(True)
@@ -356,15 +389,16 @@ def outer_loop(
                 inner_state = inner.init(new_anchor)
             to_anchor = jax.tree_util.tree_map(lambda a, p: (a - p).astype(p.dtype), new_anchor, params)
             nbytes.append(channel.nbytes)
-            return to_anchor, inner_state, new_anchor, new_outer, jnp.logical_not(ok).astype(jnp.int32)
+            skipped = jnp.logical_not(ok).astype(jnp.int32)
+            return to_anchor, inner_state, new_anchor, new_outer, agg_state, skipped
 
         def local_step(operands):
-            inner_state, anchor, outer_state = operands
-            return u, inner_state, anchor, outer_state, jnp.zeros((), jnp.int32)
+            inner_state, anchor, outer_state, agg_state = operands
+            return u, inner_state, anchor, outer_state, agg_state, jnp.zeros((), jnp.int32)
 
         gated_inner = inner_state if gate_inner else None
-        out, gated_inner, anchor, outer_state, skipped = worker_cond(
-            is_sync, sync, local_step, (gated_inner, state.anchor, state.outer_state)
+        out, gated_inner, anchor, outer_state, agg_state, skipped = worker_cond(
+            is_sync, sync, local_step, (gated_inner, state.anchor, state.outer_state, state.aggregator_state)
         )
         inner_state = gated_inner if gate_inner else inner_state
         next_count = state.count + 1
@@ -380,6 +414,7 @@ def outer_loop(
             outer_state=outer_state,
             inner_state=inner_state,
             bytes_sent=state.bytes_sent.add(nbytes[0] if nbytes else 0, where=is_sync),
+            aggregator_state=agg_state,
         )
         return out, new_state
 

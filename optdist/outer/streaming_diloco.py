@@ -130,6 +130,12 @@ def streaming_diloco(
     outer_lr = _validate.learning_rate(outer_lr, "outer_lr")
     outer_momentum = _validate.decay(outer_momentum, "outer_momentum")
     aggregator = mean_aggregator if aggregator is None else aggregator
+    if isinstance(aggregator, optax.GradientTransformation) or not callable(aggregator):
+        raise TypeError(
+            "streaming_diloco's aggregator must be a function (deltas, channel) -> mean (each fragment "
+            "syncs on its own schedule, so a stateful transform aggregator is not supported); "
+            f"got {aggregator!r}."
+        )
     inner = optax.adamw(inner_lr, weight_decay=inner_weight_decay)
     outer = optax.sgd(outer_lr, momentum=outer_momentum, nesterov=True)
     stride = sync_every // num_fragments
