@@ -128,12 +128,12 @@ for _h in (10, 50, 200):
 
 
 @register(
-    "diloco_h50_powersgd_r4",
-    description="DiLoCo H=50, pseudo-gradients compressed by PowerSGD rank 4 with error feedback",
+    "diloco_h50_powersgd_r16",
+    description="DiLoCo H=50, pseudo-gradients compressed by PowerSGD rank 16 with error feedback",
     family="outer",
 )
 def _diloco_powersgd(config, axis_name):
-    compressed = optdist.powersgd(4, axis_name)  # compressed_mean(powersgd(4), feedback="ef")
+    compressed = optdist.powersgd(16, axis_name)  # compressed_mean(powersgd(16), feedback="ef")
     return optdist.diloco(
         inner_lr=_inner_lr(config),
         sync_every=50,
