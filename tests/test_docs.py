@@ -22,6 +22,8 @@ def test_readme_examples_run():
     loss, state_w = namespace["loss"], namespace["state_w"]
     assert float(loss.mean()) < 2.3  # below the 10-class chance loss after 50 steps
     assert namespace["optdist"].bytes_sent(state_w).shape == (8,)
+    assert float(namespace["stack_loss"].mean()) < 1.0  # the composed stack trains too (0.43 here)
+    assert int(namespace["optdist"].bytes_sent(namespace["stack_w"][1])[0]) > 0
 
 
 @pytest.mark.slow
