@@ -51,6 +51,7 @@ BAD = [
     ("compressors.top_k", lambda: optdist.compressors.top_k(0.0), "ratio"),
     ("compressors.top_k", lambda: optdist.compressors.top_k(1.5), "ratio"),
     ("compressors.rand_k", lambda: optdist.compressors.rand_k(-0.1), "ratio"),
+    ("compressors.rand_k", lambda: optdist.compressors.rand_k(0.1, sampling="poisson"), "sampling"),
     ("compressors.qsgd", lambda: optdist.compressors.qsgd(0), "levels"),
     ("compressors.int8", lambda: optdist.compressors.int8(100), "bucket_size"),
     ("compressors.int8", lambda: optdist.compressors.int8(rounding="up"), "rounding"),

@@ -75,6 +75,7 @@ def methods() -> dict[str, Callable[[str], optax.GradientTransformation]]:
         "top_k_1%_threshold_ef": cm(compression.top_k(0.01, "threshold"), "ef"),
         "top_k_1%_ef21": cm(compression.top_k(0.01), "ef21"),
         "rand_k_1%": cm(compression.rand_k(0.01)),
+        "rand_k_1%_uniform": cm(compression.rand_k(0.01, sampling="uniform")),
         "qsgd_s127_b512": cm(compression.qsgd(127, 512)),
         "terngrad": cm(compression.terngrad()),
         "sign_scaled_ef": cm(compression.sign(), "ef"),

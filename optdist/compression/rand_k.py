@@ -4,26 +4,47 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optdist import _checks
 from optdist.compression.base import Compressor, summable
 from optdist.compression.top_k import num_kept
 
+_SAMPLINGS = ("stratified", "uniform")
 
-def rand_k(ratio: float, seed: int = 0) -> Compressor:
-    r"""Keeps ``k`` uniformly random coordinates, the same on every worker, scaled by ``d/k``.
 
-    .. math:: C(x) = \frac{d}{k} \sum_{j \in S} x_j e_j, \qquad S \sim \mathrm{Unif}\binom{[d]}{k}
+def _strata(size: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and length of ``k`` contiguous strata covering ``[0, size)`` (lengths differ by <= 1)."""
+    bounds = (np.arange(k + 1, dtype=np.int64) * size) // k
+    return bounds[:-1].astype(np.int32), np.diff(bounds).astype(np.int32)
 
-    Unbiased (:math:`E[C(x)] = x`), with :math:`E\|C(x)\|^2 = (d/k)\|x\|^2`.
-    Because all workers draw ``S`` from the same key (``seed`` + step count +
-    leaf index), only the ``k`` values are sent and they are *summed* by one
-    all-reduce; the indices are rebuilt from the key, never sent. Each worker
-    sends ``2 (n-1) ceil(K/n) s`` bytes for ``K`` values in total. Stateless.
+
+def rand_k(ratio: float, seed: int = 0, sampling: str = "stratified") -> Compressor:
+    r"""Keeps ``k`` random coordinates, the same on every worker, scaled to be unbiased.
+
+    ``sampling="stratified"`` (default, ``O(k)``): ``[0, d)`` is cut into ``k`` contiguous strata
+    :math:`B_1..B_k` of sizes :math:`\lfloor d/k \rfloor` or :math:`\lceil d/k \rceil`, and one
+    coordinate :math:`j_s` is drawn uniformly in each:
+
+    .. math:: C(x) = \sum_{s=1}^{k} |B_s|\, x_{j_s} e_{j_s}.
+
+    ``sampling="uniform"``: :math:`S \sim \mathrm{Unif}\binom{[d]}{k}` and
+    :math:`C(x) = \frac{d}{k} \sum_{j \in S} x_j e_j` (a full random permutation per step:
+    ``O(d log d)``, ~80x the exact mean's time on a 25.6M-parameter tree on CPU).
+
+    Both are unbiased (:math:`E[C(x)] = x`: coordinate ``j`` is kept with probability
+    :math:`1/|B_s|` resp. :math:`k/d` and scaled by its inverse) with the same variance bound
+    :math:`E\|C(x) - x\|^2 \le (\lceil d/k \rceil - 1)\|x\|^2` (equality for ``k | d``, where both
+    give :math:`(d/k - 1)\|x\|^2`); stratified never keeps two coordinates of one stratum.
+    Because all workers draw the coordinates from the same key (``seed`` + step count + leaf
+    index), only the ``k`` values are sent and they are *summed* by one all-reduce; the indices are
+    rebuilt from the key, never sent. Each worker sends ``2 (n-1) ceil(K/n) s`` bytes for ``K``
+    values in total. Stateless.
 
     Args:
       ratio: fraction of coordinates kept, in (0, 1].
       seed: folded into the step key so different rand-k instances differ.
+      sampling: ``"stratified"`` or ``"uniform"`` (see above).
 
     Returns:
       A :class:`~optdist.compression.Compressor`.
@@ -40,20 +61,27 @@ def rand_k(ratio: float, seed: int = 0) -> Compressor:
     ratio = _checks.in_range(ratio, "ratio", 0.0, 1.0, low_open=True)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int; got {seed!r}.")
+    if sampling not in _SAMPLINGS:
+        raise ValueError(f"sampling must be one of {_SAMPLINGS}; got {sampling!r}.")
 
-    def indices(key, size):
+    def indices_and_scales(key, size):
         k = num_kept(ratio, size)
-        return jax.random.choice(jax.random.fold_in(key, seed), size, (k,), replace=False)
+        key = jax.random.fold_in(key, seed)
+        if sampling == "uniform":
+            return jax.random.choice(key, size, (k,), replace=False), jnp.float32(size / k)
+        start, length = _strata(size, k)
+        offset = jnp.floor(jax.random.uniform(key, (k,)) * length).astype(jnp.int32)
+        return jnp.asarray(start) + jnp.minimum(offset, jnp.asarray(length) - 1), jnp.asarray(length)
 
     def encode(x, key, aux):
         del aux
-        d = x.shape[0]
-        idx = indices(key, d)
-        return {"values": x[idx] * (d / idx.shape[0])}
+        idx, scale = indices_and_scales(key, x.shape[0])
+        return {"values": x[idx] * scale.astype(x.dtype)}
 
     def decode(payload, size, key, aux):
         del aux
         values = payload["values"]
-        return jnp.zeros((size,), values.dtype).at[indices(key, size)].set(values)
+        idx, _ = indices_and_scales(key, size)
+        return jnp.zeros((size,), values.dtype).at[idx].set(values)
 
-    return summable(f"rand_k({ratio:g})", encode, decode)
+    return summable(f"rand_k({ratio:g}, {sampling})", encode, decode)

@@ -24,7 +24,12 @@ def _aggregate(comp, x, key=None, state=None, step=0):
 
 @pytest.mark.parametrize(
     "comp",
-    [compression.rand_k(0.25), compression.qsgd(3, 8), compression.terngrad(None)],
+    [
+        compression.rand_k(0.25),
+        compression.rand_k(0.3, sampling="uniform"),
+        compression.qsgd(3, 8),
+        compression.terngrad(None),
+    ],
     ids=lambda c: c.name,
 )
 def test_unbiased(comp):
@@ -36,6 +41,20 @@ def test_unbiased(comp):
     bound = 5.0 * std / np.sqrt(len(keys)) + 1e-6
     assert np.all(np.abs(mean - np.asarray(x["v"])) <= bound)
     assert np.any(std > 0.1)  # it is really random (a zero-variance bug would pass trivially)
+
+
+def test_rand_k_stratified_keeps_one_per_stratum_scaled_by_its_size():
+    x = {"v": jnp.arange(1.0, 11.0)}  # d = 10, k = 3: strata [0, 3), [3, 6), [6, 10)
+    keys = jax.random.split(jax.random.key(5), 3000)
+    cs = np.asarray(jax.jit(jax.vmap(lambda k: _aggregate(compression.rand_k(0.3), x, k).mean["v"]))(keys))
+    strata = [(0, 3), (3, 6), (6, 10)]
+    for lo, hi in strata:
+        kept = cs[:, lo:hi] != 0
+        np.testing.assert_array_equal(kept.sum(1), 1)  # exactly one coordinate per stratum
+        rows, cols = np.nonzero(kept)
+        np.testing.assert_allclose(cs[rows, lo + cols], (hi - lo) * np.arange(1.0, 11.0)[lo + cols])
+        freq, p = kept.mean(0), 1.0 / (hi - lo)  # each coordinate kept with probability 1/|B|
+        assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / len(keys)))
 
 
 def test_terngrad_clipping_is_biased_toward_zero():
