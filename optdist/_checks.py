@@ -44,6 +44,10 @@ def positive_int(value: Any, name: str) -> int:
 
 
 def in_range(value: Any, name: str, low: float, high: float, *, low_open=False, high_open=False) -> float:
+    if isinstance(value, jax.core.Tracer):
+        # A hyperparameter injected by optax.inject_hyperparams is traced inside ``update``; it was
+        # checked when concrete (at ``init``), so it passes through here.
+        return value
     try:
         v = float(value)
     except (TypeError, ValueError):

@@ -17,3 +17,17 @@ def learning_rate(value: Any, name: str) -> Any:
 def decay(value: Any, name: str) -> float:
     """A momentum/decay rate in [0, 1)."""
     return _checks.in_range(value, name, 0.0, 1.0, high_open=True)
+
+
+def forwarded(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments an alias forwards to :func:`optdist.outer_loop`.
+
+    ``optax.inject_hyperparams`` binds a factory's signature and passes the ``**kwargs`` catch-all
+    back *by name* (``kwargs={...}``); this unpacks it, so the aliases can be injected.
+    """
+    nested = kwargs.pop("kwargs", None)
+    if nested is None:
+        return kwargs
+    if not isinstance(nested, dict):
+        raise TypeError(f"kwargs must be a dict of outer_loop options; got {nested!r}.")
+    return {**nested, **kwargs}

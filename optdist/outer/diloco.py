@@ -61,6 +61,7 @@ def diloco(
       Douillard, Feng, Rusu, Chhaparia, Donchev, Kuncoro, Ranzato, Szlam, Shen,
       "DiLoCo: Distributed Low-Communication Training of Language Models", 2023.
     """
+    kwargs = _validate.forwarded(kwargs)
     inner_lr = _validate.learning_rate(inner_lr, "inner_lr")
     outer_lr = _validate.learning_rate(outer_lr, "outer_lr")
     outer_momentum = _validate.decay(outer_momentum, "outer_momentum")

@@ -126,6 +126,7 @@ def local_adaptive(
       Chezhegov, Skorik, Khachaturov, Shalagin, Avetisyan, Takáč, Kholodov,
       Beznosikov, "Local Methods with Adaptivity via Scaling", 2024.
     """
+    kwargs = _validate.forwarded(kwargs)
     if scaling not in ("adam", "rmsprop"):
         raise ValueError(f"scaling must be 'adam' or 'rmsprop'; got {scaling!r}.")
     learning_rate = _validate.learning_rate(learning_rate, "learning_rate")

@@ -7,6 +7,7 @@ from typing import Any
 import optax
 
 from optdist.comm.axes import AxisName
+from optdist.outer import _validate
 from optdist.outer.outer_loop import SyncEvery, outer_loop
 
 
@@ -42,4 +43,5 @@ def local_sgd(
       Stich, "Local SGD Converges Fast and Communicates Little", ICLR 2019.
       Lin et al., "Don't Use Large Mini-Batches, Use Local SGD", ICLR 2020.
     """
+    kwargs = _validate.forwarded(kwargs)
     return outer_loop(inner, optax.sgd(1.0), sync_every, axis_name, **kwargs)

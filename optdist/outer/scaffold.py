@@ -10,6 +10,7 @@ import optax
 
 from optdist import _checks
 from optdist.comm.axes import AxisName
+from optdist.outer import _validate
 from optdist.outer.outer_loop import SyncEvery, SyncHook, outer_loop
 
 
@@ -101,6 +102,7 @@ def scaffold(
       Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, "SCAFFOLD: Stochastic
       Controlled Averaging for Federated Learning", ICML 2020.
     """
+    kwargs = _validate.forwarded(kwargs)
     client_lr = _checks.in_range(client_lr, "client_lr", 0.0, float("inf"), low_open=True, high_open=True)
     server_lr = _checks.in_range(server_lr, "server_lr", 0.0, float("inf"), low_open=True, high_open=True)
     if "reset_inner_state" in kwargs:

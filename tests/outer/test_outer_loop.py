@@ -335,3 +335,20 @@ def test_transform_aggregator_three_execution_modes_agree():
         assert_trees_close(p, ref_p, rtol=1e-5, atol=1e-6)
         assert_trees_close(s.aggregator_state.error, ref_s.aggregator_state.error, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(optdist.bytes_sent(s), optdist.bytes_sent(ref_s))
+
+
+def test_aliases_work_with_inject_hyperparams(data):
+    """optax passes an alias's **kwargs back by name, and injected rates are traced in update."""
+    static = ("sync_every", "axis_name")
+    injected = optax.inject_hyperparams(outer.diloco, static_args=static)(
+        inner_lr=0.05, outer_lr=0.7, sync_every=2, axis_name="data"
+    )
+    plain = outer.diloco(inner_lr=0.05, outer_lr=0.7, sync_every=2, axis_name="data")
+    p_inj, s_inj, _ = run(injected, 5, data)
+    p_plain, _, _ = run(plain, 5, data)
+    assert_trees_close(p_inj, p_plain, rtol=1e-5, atol=1e-6)
+    assert set(s_inj.hyperparams) >= {"inner_lr", "outer_lr", "outer_momentum"}
+    sgd = optax.inject_hyperparams(outer.local_sgd, static_args=static)(
+        inner=optax.sgd(0.1), sync_every=2, axis_name="data", seed=0
+    )
+    assert_trees_close(run(sgd, 4, data)[0], run(outer.local_sgd(optax.sgd(0.1), 2, "data"), 4, data)[0])
