@@ -84,7 +84,7 @@ COMPRESSED = {
     "terngrad": (lambda: optdist.compressors.terngrad(2.5), None, "TernGrad, clip 2.5 sigma"),
     "sign_ef": (lambda: optdist.compressors.sign(scaled=True), "ef", "scaled sign with EF"),
     "bf16": (lambda: optdist.compressors.cast(jnp.bfloat16), None, "bfloat16 cast"),
-    "demo": (lambda: optdist.compressors.demo(64, 8), None, "DeMo: DCT tiles of 64, top-8"),
+    "demo": (lambda: optdist.compressors.demo(64, 8), None, "DeMo: 2-D DCT tiles up to 64x64, top-8"),
     "int8_ef": (
         lambda: optdist.compressors.int8(256, "nearest"),
         "ef",

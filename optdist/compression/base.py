@@ -126,14 +126,15 @@ def restore(leaf_like: Any, flat: jax.Array) -> jax.Array:
     return flat.reshape(jnp.shape(leaf_like)).astype(leaf_like.dtype)
 
 
-def _encoded_nbytes(encode: Callable, leaf: Any, *extra_specs: Any) -> int:
+def _encoded_nbytes(encode: Callable, leaf: Any, *extra_specs: Any, shaped: bool = False) -> int:
     """Bytes of the payload ``encode`` produces for ``leaf`` (traced abstractly, nothing runs).
 
     ``extra_specs`` are abstract extra arguments; a stateful encode returns
-    ``(payload, state)`` and only the payload is counted.
+    ``(payload, state)`` and only the payload is counted. ``shaped``: encode
+    takes the leaf in its own shape rather than flattened.
     """
-    d = math.prod(jnp.shape(leaf))
-    spec = jax.ShapeDtypeStruct((d,), compute_dtype(leaf.dtype))
+    shape = tuple(jnp.shape(leaf)) if shaped else (math.prod(jnp.shape(leaf)),)
+    spec = jax.ShapeDtypeStruct(shape, compute_dtype(leaf.dtype))
     out = jax.eval_shape(encode, spec, jax.random.key(0), *extra_specs)
     return payload_bytes(out[0] if extra_specs and isinstance(out, tuple) else out)
 
@@ -243,25 +244,34 @@ def gathered(
     combine: Callable[[jax.Array], jax.Array] = mean_over_workers,
     init_leaf: Callable[[jax.Array], Any] | None = None,
     min_compression_rate: float = 1.0,
+    shaped: bool = False,
 ) -> Compressor:
     """A compressor whose payloads are all-gathered and decoded per worker.
 
     ``encode(x, key) -> payload`` (stateless), or with ``init_leaf`` given,
     ``encode(x, key, s) -> (payload, new_s)`` with a per-worker, per-leaf state
     ``s = init_leaf(flat_leaf)``. ``key`` differs per worker (stochastic rounding).
-    ``decode(payload, size)`` returns the flat decoded vector; ``mean =
+    ``decode(payload, size)`` returns the flat decoded vector. With ``shaped=True``
+    ``x`` (and ``init_leaf``'s argument) keep the leaf's shape and ``decode``
+    gets the shape instead of the size (e.g. DeMo's 2-D tiles); ``mean =
     combine(stack_j decode(payload_j))`` (the mean by default; majority vote for
     unscaled sign). One all-gather carries every compressed leaf; the plain
     leaves go through one all-reduce mean.
     """
     stateful = init_leaf is not None
 
+    def view(leaf):  # what encode and init_leaf see
+        return leaf.astype(compute_dtype(leaf.dtype)) if shaped else _flat(leaf)
+
+    def extent(leaf):  # what decode gets
+        return tuple(leaf.shape) if shaped else leaf.size
+
     def plan(leaves):
         def nbytes(leaf):
             if not stateful:
-                return _encoded_nbytes(encode, leaf)
-            s = jax.eval_shape(init_leaf, jax.ShapeDtypeStruct((leaf.size,), compute_dtype(leaf.dtype)))
-            return _encoded_nbytes(encode, leaf, s)
+                return _encoded_nbytes(encode, leaf, shaped=shaped)
+            s = jax.eval_shape(init_leaf, jax.ShapeDtypeStruct(view(leaf).shape, compute_dtype(leaf.dtype)))
+            return _encoded_nbytes(encode, leaf, s, shaped=shaped)
 
         return [
             i for i, leaf in enumerate(leaves) if is_compressible(leaf, nbytes(leaf), min_compression_rate)
@@ -272,7 +282,7 @@ def gathered(
             return ()
         leaves = jax.tree_util.tree_leaves(params)
         chosen = set(plan(leaves))
-        return tuple(init_leaf(_flat(leaf)) if i in chosen else None for i, leaf in enumerate(leaves))
+        return tuple(init_leaf(view(leaf)) if i in chosen else None for i, leaf in enumerate(leaves))
 
     def aggregate(x, state, key, step, bytes_sent, axis_name):
         del step
@@ -284,15 +294,15 @@ def gathered(
         payloads = []
         for i in compressed:
             if stateful:
-                payload, new_state[i] = encode(_flat(leaves[i]), keys[i], state[i])
+                payload, new_state[i] = encode(view(leaves[i]), keys[i], state[i])
             else:
-                payload = encode(_flat(leaves[i]), keys[i])
+                payload = encode(view(leaves[i]), keys[i])
             payloads.append(payload)
-        mean_of = lambda stacked, size: combine(jax.vmap(lambda p: decode(p, size))(stacked))
+        mean_of = lambda stacked, leaf: combine(jax.vmap(lambda p: decode(p, extent(leaf)))(stacked))
         mean_leaves = _exchange(leaves, compressed, payloads, channel, mean_of)
         local_leaves = list(leaves)
         for j, i in enumerate(compressed):
-            local_leaves[i] = restore(leaves[i], decode(payloads[j], leaves[i].size))
+            local_leaves[i] = restore(leaves[i], decode(payloads[j], extent(leaves[i])))
         if stateful:
             new_state = tuple(new_state)
         unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)
@@ -305,12 +315,12 @@ def _exchange(
     leaves: list, compressed: list[int], payloads: list, channel: Channel, mean_of: Callable
 ) -> list:
     """The gathered protocol's communication: one all-gather carries every compressed leaf's payload
-    (``mean_of(stacked_payload, size) -> flat mean``), one all-reduce mean carries the other leaves."""
+    (``mean_of(stacked_payload, leaf) -> mean``), one all-reduce mean carries the other leaves."""
     mean_leaves = list(leaves)
     if compressed:
         stacked = packed(channel.all_gather, payloads, gathered=True)
         for j, i in enumerate(compressed):
-            mean_leaves[i] = restore(leaves[i], mean_of(stacked[j], leaves[i].size))
+            mean_leaves[i] = restore(leaves[i], mean_of(stacked[j], leaves[i]))
     plain = [i for i in range(len(leaves)) if i not in compressed]
     if plain:
         for i, m in zip(plain, packed(channel.pmean, [leaves[i] for i in plain])):
@@ -345,7 +355,9 @@ def gathered_ef(
     def encode(x, key):
         return encode_ef(x, jnp.zeros_like(x), key)[0]
 
-    def mean_of(stacked, size):
+    def mean_of(stacked, leaf):
+        size = leaf.size
+
         def body(acc, payload):
             return decode_accumulate(payload, acc), None
 

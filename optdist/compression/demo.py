@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -19,18 +21,34 @@ def dct_matrix(n: int) -> np.ndarray:
     return d
 
 
+def _tile_side(dim: int, target: int) -> int:
+    """The largest divisor of ``dim`` that is at most ``target`` (tiles never need padding)."""
+    return max(c for c in range(1, min(dim, target) + 1) if dim % c == 0)
+
+
+def _as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
+    """Vectors are one row; tensors of rank > 2 are (prod(leading dims), last dim)."""
+    if len(shape) <= 1:
+        return 1, math.prod(shape)
+    return math.prod(shape[:-1]), shape[-1]
+
+
 def demo(chunk: int = 64, topk: int = 32, beta: float = 0.999) -> Compressor:
-    r"""DeMo's compressor: momentum, DCT over tiles, top-k per tile, remove what was sent.
+    r"""DeMo's compressor: momentum, 2-D DCT over tiles, top-k per tile, remove what was sent.
 
     Per leaf, with a per-worker momentum ``m`` (the compressor's state):
 
     .. math::
-        m \leftarrow \beta m + x, \quad c = \mathrm{DCT}(m) \text{ per tile of } \texttt{chunk},
-        \quad \hat c = \mathrm{top}_k(c) \text{ per tile}, \quad
-        m \leftarrow m - \mathrm{IDCT}(\hat c), \quad \mathrm{mean} = \tfrac1n \sum_j \mathrm{IDCT}(\hat c_j).
+        m \leftarrow \beta m + x, \quad C_t = D_h M_t D_w^\top \text{ per tile } M_t, \quad
+        \hat C_t = \mathrm{top}_k(C_t), \quad m \leftarrow m - \mathrm{IDCT}(\hat C), \quad
+        \mathrm{mean} = \tfrac1n \sum_j \mathrm{IDCT}(\hat C^{(j)}),
 
-    The leaf is flattened and cut into 1-D tiles of ``chunk`` entries (the last
-    zero-padded) — a simplification of the reference's 2-D tiles for matrices.
+    with :math:`D_s` the orthonormal DCT-II matrix of size :math:`s`. As in the reference
+    implementation, a matrix ``R x C`` is cut into tiles of ``h x w`` where ``h`` (``w``) is the
+    largest divisor of ``R`` (``C``) that is at most ``chunk`` (no padding), the DCT is 2-D per tile
+    and the ``k = min(topk, h w)`` largest-magnitude coefficients of each tile are kept. A vector is
+    one row (1-D DCT over tiles of ``w``); a tensor of rank > 2 is viewed as
+    ``(prod(leading dims), last dim)``.
     DeMo's update is the *sign* of this mean: chain ``optax.scale_by_sign()``
     (and the learning rate) after it, with no error feedback in
     ``compressed_mean`` (the momentum already keeps what was not sent)::
@@ -38,14 +56,14 @@ def demo(chunk: int = 64, topk: int = 32, beta: float = 0.999) -> Compressor:
       tx = optax.chain(optdist.compressed_mean(optdist.compressors.demo(), "data"),
                        optax.scale_by_sign(), optax.scale(-1e-3))
 
-    State: ``m`` per compressed leaf, **per worker** (it differs across workers
-    by design: "decoupled" momentum). Payload per leaf (gathered): ``topk``
-    float32 coefficients and ``topk`` indices per tile, the indices in the
-    smallest unsigned dtype holding ``chunk - 1`` (uint8 for ``chunk <= 256``).
+    State: ``m`` per compressed leaf, in the leaf's shape, **per worker** (it differs across
+    workers by design: "decoupled" momentum). Payload per leaf (gathered): ``k`` float32
+    coefficients and ``k`` indices per tile, the indices in the smallest unsigned dtype holding
+    ``h w - 1`` (uint8 up to 16 x 16 tiles).
 
     Args:
-      chunk: tile length (``>= 1``).
-      topk: coefficients kept per tile, in ``[1, chunk]``.
+      chunk: target tile side (``>= 1``).
+      topk: coefficients kept per tile (``>= 1``; capped at the tile's size).
       beta: momentum decay in ``[0, 1)``.
 
     Returns:
@@ -56,33 +74,45 @@ def demo(chunk: int = 64, topk: int = 32, beta: float = 0.999) -> Compressor:
     """
     chunk = _checks.positive_int(chunk, "chunk")
     topk = _checks.positive_int(topk, "topk")
-    if topk > chunk:
-        raise ValueError(f"topk must be <= chunk ({chunk}); got {topk}.")
     beta = _checks.in_range(beta, "beta", 0.0, 1.0, high_open=True)
-    basis = dct_matrix(chunk).astype(np.float32)
-    index_dtype = smallest_int(chunk - 1, signed=False)
 
-    def tiles(v):
-        return jnp.pad(v, (0, -v.shape[0] % chunk)).reshape(-1, chunk)
+    def layout(shape):
+        rows, cols = _as_matrix(tuple(shape))
+        h, w = _tile_side(rows, chunk), _tile_side(cols, chunk)
+        return rows, cols, h, w, min(topk, h * w)
 
-    def inverse(coef, size):
-        return (coef @ jnp.asarray(basis, coef.dtype)).reshape(-1)[:size]
+    def to_tiles(m, rows, cols, h, w):  # [rows, cols] -> [tiles, h, w]
+        t = m.reshape(rows // h, h, cols // w, w).transpose(0, 2, 1, 3)
+        return t.reshape(-1, h, w)
 
-    def scatter(payload):
+    def from_tiles(t, rows, cols, h, w):
+        return t.reshape(rows // h, cols // w, h, w).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+    def spectra(m):
+        rows, cols, h, w, _ = layout(m.shape)
+        dh, dw = (jnp.asarray(dct_matrix(s), m.dtype) for s in (h, w))
+        coef = dh @ to_tiles(m.reshape(rows, cols), rows, cols, h, w) @ dw.T
+        return coef.reshape(coef.shape[0], h * w)
+
+    def inverse(payload, shape, dtype):
+        rows, cols, h, w, _ = layout(shape)
         values, idx = payload["values"], payload["indices"].astype(jnp.int32)
-        rows = jnp.arange(values.shape[0])[:, None]
-        return jnp.zeros((values.shape[0], chunk), values.dtype).at[rows, idx].set(values)
+        tiles = jnp.arange(values.shape[0])[:, None]
+        coef = jnp.zeros((values.shape[0], h * w), dtype).at[tiles, idx].set(values.astype(dtype))
+        dh, dw = (jnp.asarray(dct_matrix(s), dtype) for s in (h, w))
+        return from_tiles(dh.T @ coef.reshape(-1, h, w) @ dw, rows, cols, h, w).reshape(shape)
 
     def encode(x, key, m):
         del key
         m = beta * m + x
-        coef = tiles(m) @ jnp.asarray(basis, m.dtype).T
-        _, idx = lax.top_k(jnp.abs(coef), topk)
+        coef = spectra(m)
+        *_, h, w, k = layout(m.shape)
+        _, idx = lax.top_k(jnp.abs(coef), k)
+        index_dtype = smallest_int(h * w - 1, signed=False)
         payload = {"values": jnp.take_along_axis(coef, idx, axis=1), "indices": idx.astype(index_dtype)}
-        m = m - inverse(scatter(payload), m.shape[0])
-        return payload, m
+        return payload, m - inverse(payload, m.shape, m.dtype)
 
-    def decode(payload, size):
-        return inverse(scatter(payload), size)
+    def decode(payload, shape):
+        return inverse(payload, shape, payload["values"].dtype)
 
-    return gathered(f"demo({chunk}, {topk})", encode, decode, init_leaf=jnp.zeros_like)
+    return gathered(f"demo({chunk}, {topk})", encode, decode, init_leaf=jnp.zeros_like, shaped=True)
