@@ -106,8 +106,9 @@ def _gram_schmidt_columns(col, rank: int, store) -> None:
         store(j, c)
 
 
-def _gram_schmidt_xla(p):
-    p = _f32(p)
+def gram_schmidt_reference(p: jax.Array) -> jax.Array:
+    """Orthonormal columns of ``p`` (``[..., m, r]``, any rank and float dtype, dtype kept) in plain
+    JAX: the math of :func:`gram_schmidt`, also the fallback for factors the kernel cannot take."""
     out = [None] * p.shape[-1]
 
     def store(j, c):
@@ -115,6 +116,10 @@ def _gram_schmidt_xla(p):
 
     _gram_schmidt_columns(lambda j: p[..., j], p.shape[-1], store)
     return jnp.stack(out, axis=-1)
+
+
+def _gram_schmidt_xla(p):
+    return gram_schmidt_reference(_f32(p))
 
 
 # ---------------------------------------------------------------------------------------------------

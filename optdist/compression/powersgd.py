@@ -71,21 +71,6 @@ def _transpose(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, -1, -2)
 
 
-def _gram_schmidt(p: jax.Array) -> jax.Array:
-    """Orthonormal columns of ``p`` (``[..., m, r]``), modified Gram-Schmidt; zero columns stay zero.
-
-    The dtype-preserving XLA path for factors the kernel module cannot take (its Gram–Schmidt, same
-    math, computes in float32 with ``r <= 8``)."""
-    cols = []
-    for i in range(p.shape[-1]):
-        c = p[..., i]
-        for q in cols:
-            c = c - jnp.sum(q * c, axis=-1, keepdims=True) * q
-        norm = jnp.linalg.norm(c, axis=-1, keepdims=True)
-        cols.append(c / jnp.where(norm > 0, norm, 1.0))
-    return jnp.stack(cols, axis=-1)
-
-
 def _qr(p: jax.Array) -> jax.Array:
     return jnp.linalg.qr(p)[0]
 
@@ -245,7 +230,7 @@ def powersgd(
             return _qr(p)
         if use_kernel(group, gram_schmidt_limit(group), "Gram-Schmidt"):
             return kernels.gram_schmidt(p, impl=impl)
-        return _gram_schmidt(p)
+        return kernels.gram_schmidt_reference(p)  # same math in the leaf dtype, any rank
 
     def ef_project(g: jax.Array, e: jax.Array, q: jax.Array, group: _Group):
         """``M = G + E`` and ``M Q`` (fused where the kernels take the group)."""
