@@ -9,7 +9,7 @@ import pytest
 import optdist
 import optdist.outer as outer
 from optdist.comm import all_reduce_bytes
-from tests.helpers import assert_trees_close
+from tests.helpers import assert_trees_close, run_in_three_modes
 from tests.outer._problem import flat, init_params, loss, make_data, np_local_models, run
 
 N = 4
@@ -139,20 +139,14 @@ def mode_results():
         u, s = tx.update(jax.grad(loss)(p, d), s, p)
         return optax.apply_updates(p, u), s
 
-    runners = {
-        "simulate": optdist.simulate(step, "data"),
-        "data_parallel": optdist.data_parallel(step, jax.make_mesh((8,), ("data",)), "data"),
-        "pmap": jax.pmap(step, axis_name="data"),
-    }
-    out = {}
-    for name, fn in runners.items():
-        p, s = optdist.replicate((params, tx.init(params)), 8)
-        for _ in range(5):
-            p, s = fn(p, s, data8)
-        out[name] = (p, s)
+    out = run_in_three_modes(step, optdist.replicate((params, tx.init(params)), 8), data8, steps=5)
     # 16 workers, 2 simulated per device (cond under vmap inside shard_map) vs 16 simulated.
     data16 = jnp.asarray(make_data(16, seed=2), jnp.float32)
-    for name, fn in (("simulate16", runners["simulate"]), ("data_parallel16", runners["data_parallel"])):
+    runners = {
+        "simulate16": optdist.simulate(step, "data"),
+        "data_parallel16": optdist.data_parallel(step, jax.make_mesh((8,), ("data",)), "data"),
+    }
+    for name, fn in runners.items():
         p, s = optdist.replicate((params, tx.init(params)), 16)
         for _ in range(5):
             p, s = fn(p, s, data16)
@@ -318,17 +312,7 @@ def test_transform_aggregator_three_execution_modes_agree():
         u, s = tx.update(jax.grad(loss)(p, d), s, p)
         return optax.apply_updates(p, u), s
 
-    runners = {
-        "simulate": optdist.simulate(step, "data"),
-        "data_parallel": optdist.data_parallel(step, jax.make_mesh((8,), ("data",)), "data"),
-        "pmap": jax.pmap(step, axis_name="data"),
-    }
-    out = {}
-    for name, fn in runners.items():
-        p, s = optdist.replicate((params, tx.init(params)), 8)
-        for _ in range(5):
-            p, s = fn(p, s, data8)
-        out[name] = (p, s)
+    out = run_in_three_modes(step, optdist.replicate((params, tx.init(params)), 8), data8, steps=5)
     ref_p, ref_s = out["simulate"]
     assert float(np.abs(np.asarray(ref_s.aggregator_state.error["w"])).max()) > 0
     for p, s in out.values():

@@ -65,18 +65,22 @@ def np_diagonal(grads, beta2, eps):
     return out
 
 
-def run_steps(tx, grads, params):
-    """All outputs of ``tx`` over the leading (step) axis of ``grads``, in one jitted scan."""
+def scan_updates(tx, params):
+    """``(state, grads [steps, ...]) -> (final state, outputs [steps, ...])`` in one ``lax.scan``."""
 
-    @jax.jit
-    def run(grads):
+    def run(state, grads):
         def body(state, g):
             u, state = tx.update(g, state, params)
             return state, u
 
-        return jax.lax.scan(body, tx.init(params), grads)
+        return jax.lax.scan(body, state, grads)
 
-    return run(grads)
+    return run
+
+
+def run_steps(tx, grads, params):
+    """All outputs of ``tx`` over the leading (step) axis of ``grads``, in one jitted scan."""
+    return jax.jit(scan_updates(tx, params))(tx.init(params), grads)
 
 
 # (block_size, beta2, {name: (shape, merged shape or None for the diagonal fallback)})
@@ -261,14 +265,9 @@ def test_distributed_roots_equal_local_and_bytes_are_exact():
     dist = optax.chain(optdist.mean_gradients("data"), scale_by_shampoo(**kw, axis_name="data"))
     local = scale_by_shampoo(**kw)
 
-    def worker(state, grads):
-        def body(state, g):
-            u, state = dist.update(g, state, params)
-            return state, u
-
-        return jax.lax.scan(body, state, grads)
-
-    state_w, out_w = optdist.simulate(worker)(optdist.replicate(dist.init(params), n), grads_w)
+    state_w, out_w = optdist.simulate(scan_updates(dist, params))(
+        optdist.replicate(dist.init(params), n), grads_w
+    )
     local_state, local_out = run_steps(local, jax.tree_util.tree_map(lambda g: g.mean(0), grads_w), params)
     for w in range(n):
         assert_trees_close(optdist.unreplicate(out_w, w), local_out, rtol=2e-5, atol=1e-6)
@@ -306,14 +305,8 @@ def test_distributed_roots_equal_local_and_bytes_are_exact():
         optdist.mean_gradients("data"), scale_by_shampoo(**kw, axis_name="data", num_workers=n)
     )
 
-    def sharded_worker(state, grads):
-        def body(state, g):
-            u, state = sharded.update(g, state, params)
-            return state, u
-
-        return jax.lax.scan(body, state, grads)
-
-    state_s, out_s = optdist.simulate(sharded_worker)(optdist.replicate(sharded.init(params), n), grads_w)
+    init_s = optdist.replicate(sharded.init(params), n)
+    state_s, out_s = optdist.simulate(scan_updates(sharded, params))(init_s, grads_w)
     assert_trees_close(out_s, out_w, rtol=1e-6, atol=1e-7)
     for key, table in assignment.tables.items():
         for i, local_stat in enumerate(local_state.stats[key]):
