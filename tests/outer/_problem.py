@@ -51,6 +51,16 @@ def np_local_models(x, data, k, lr, workers=None):
     return models
 
 
+def np_delayed_nesterov_arrival(x, m, buf, d, arrivals, outer_lr, mu, n_buf):
+    """float64 server rule of delayed Nesterov for the ``arrivals``-th pseudo-gradient ``d`` (1-based):
+    a plain step ``d / N`` per arrival, the momentum step every ``N`` arrivals. Returns ``x, m, buf``."""
+    buf = buf + d
+    if arrivals % n_buf == 0:
+        m = mu * m + buf / n_buf
+        return x - outer_lr * (mu * m + d / n_buf), m, np.zeros_like(buf)
+    return x - outer_lr * d / n_buf, m, buf
+
+
 def flat(params):
     """{"b", "w"} (optionally with a leading worker axis) -> [..., 1 + DIM] float64."""
     b = np.asarray(params["b"], np.float64)

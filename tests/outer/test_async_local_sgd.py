@@ -7,7 +7,7 @@ import pytest
 import optdist
 import optdist.outer as outer
 from optdist.comm import payload_bytes
-from tests.outer._problem import flat, init_params, make_data, np_grad, run
+from tests.outer._problem import flat, init_params, make_data, np_delayed_nesterov_arrival, np_grad, run
 
 N = 4
 
@@ -44,15 +44,10 @@ def np_async(data, ticks, speeds, steps, lr, outer_lr, mu, n_buf):
             if done[i] >= steps[i]:
                 arrived.append(i)
         for i in arrived:  # worker order within a tick
-            d = start[i] - local[i]
             arrivals += 1
-            buf = buf + d
-            if arrivals % n_buf == 0:
-                m = mu * m + buf / n_buf
-                server = server - outer_lr * (mu * m + d / n_buf)
-                buf = np.zeros_like(buf)
-            else:
-                server = server - outer_lr * d / n_buf
+            server, m, buf = np_delayed_nesterov_arrival(
+                server, m, buf, start[i] - local[i], arrivals, outer_lr, mu, n_buf
+            )
             pushes[i] += 1
         for i in arrived:
             start[i] = server.copy()

@@ -6,7 +6,16 @@ import optax
 import pytest
 
 import optdist.outer as outer
-from tests.outer._problem import flat, init_params, loss, make_data, np_grad, np_local_models, run
+from tests.outer._problem import (
+    flat,
+    init_params,
+    loss,
+    make_data,
+    np_delayed_nesterov_arrival,
+    np_grad,
+    np_local_models,
+    run,
+)
 
 N = 4
 
@@ -161,13 +170,7 @@ def np_delayed_nesterov(data, rounds, k, lr, outer_lr, mu, n_buf):
     m, buf = np.zeros_like(x), np.zeros_like(x)
     for t in range(1, rounds + 1):
         d = x - np.mean(np_local_models(x, data, k, lr), axis=0)
-        buf = buf + d
-        if t % n_buf == 0:
-            m = mu * m + buf / n_buf
-            x = x - outer_lr * (mu * m + d / n_buf)
-            buf = np.zeros_like(x)
-        else:
-            x = x - outer_lr * d / n_buf
+        x, m, buf = np_delayed_nesterov_arrival(x, m, buf, d, t, outer_lr, mu, n_buf)
     return x
 
 
