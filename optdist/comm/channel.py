@@ -16,10 +16,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from optdist.comm import accounting
-from optdist.comm.axes import AxisName, _unbound, num_workers, physical_axes, worker_index
+from optdist.comm.axes import (
+    AxisName,
+    _unbound,
+    current_simulated_axes,
+    num_workers,
+    physical_axes,
+    worker_index,
+)
 
 
 def _gather_row_major(tree: Any, axes: tuple[str, ...]) -> Any:
@@ -35,6 +44,46 @@ def _gather_row_major(tree: Any, axes: tuple[str, ...]) -> Any:
         return x.reshape(-1, *x.shape[len(axes) :]) if len(axes) > 1 else x
 
     return jax.tree_util.tree_map(gather, tree)
+
+
+def _permute(tree: Any, axes: tuple[str, ...], perm: list[tuple[int, int]]) -> Any:
+    """``lax.ppermute`` over one or several axes, row-major, including simulated (``vmap``) axes.
+
+    jax's ``vmap`` rule for ``ppermute`` handles one axis only. Over several axes, the simulated
+    ones (which must come last, as :func:`optdist.data_parallel` orders them) are gathered (free:
+    no device talks to another), each distinct device offset of ``perm`` moves that block once
+    over the device axes, and each worker picks its source out of what arrived.
+    """
+    simulated = set(current_simulated_axes())
+    sim_axes = tuple(a for a in axes if a in simulated)
+    if len(axes) == 1 or not sim_axes:
+        return lax.ppermute(tree, axes if len(axes) > 1 else axes[0], perm)
+    device_axes = axes[: len(axes) - len(sim_axes)]
+    if axes[len(device_axes) :] != sim_axes:
+        raise ValueError(f"ppermute over {axes}: the simulated axes {sim_axes} must come last.")
+    n = len(perm)
+    block = int(lax.axis_size(sim_axes))
+    devices = n // block
+    source = np.empty(n, np.int64)
+    for s, d in perm:
+        source[d] = s
+    offsets = sorted({(d // block - s // block) % devices for s, d in perm})
+    offset_of = np.array([offsets.index((d // block - source[d] // block) % devices) for d in range(n)])
+    me = lax.axis_index(axes)
+    pick_offset = jnp.asarray(offset_of, jnp.int32)[me]
+    pick_source = jnp.asarray(source % block, jnp.int32)[me]
+
+    def one(x):
+        stacked = _gather_row_major(x, sim_axes)  # [block, ...]: every simulated worker on this device
+        moved = [
+            stacked
+            if o == 0
+            else lax.ppermute(stacked, device_axes, [(d, (d + o) % devices) for d in range(devices)])
+            for o in offsets
+        ]
+        return jnp.stack(moved)[pick_offset, pick_source]
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 class Channel:
@@ -100,4 +149,4 @@ class Channel:
             raise ValueError(
                 f"perm must send from and to every one of the {self.size} workers exactly once; got {perm}."
             )
-        return self._issue(lambda t, axes: lax.ppermute(t, axes, perm), tree, accounting.payload_bytes(tree))
+        return self._issue(lambda t, axes: _permute(t, axes, perm), tree, accounting.payload_bytes(tree))
