@@ -21,6 +21,11 @@ once:
 * :func:`gathered`: payloads are all-gathered (one collective for the tree)
   and ``mean = combine_j decode(payload_j)`` (mean by default).
 
+A compressor built by these builders also has a :class:`Codec`: its point-to-point form (encode
+this worker's tree, decode a payload another worker sent), which gossip uses to send compressed
+differences to neighbours (:func:`optdist.gossip`); stateful compressors (DeMo) and PowerSGD, whose
+protocol is collective, have none.
+
 A compressor may also provide ``aggregate_ef``, a fused error-feedback path
 (:func:`gathered_ef` builds one from a kernel that encodes ``p = x + e`` and
 writes the new residual ``p - C_i(p)`` in the same pass);
@@ -56,6 +61,22 @@ class Aggregate(NamedTuple):
     bytes_sent: ByteCounter
 
 
+class Codec(NamedTuple):
+    """A compressor's point-to-point form: the payload one worker sends to another.
+
+    Attributes:
+      encode: ``encode(x, key) -> payload`` (a pytree of arrays; its bytes are what a send costs).
+      decode: ``decode(payload, like, key) -> tree`` shaped like ``like``, with the *sender's* ``key``
+        (shared-coordinate compressors rebuild their coordinates from it).
+
+    ``decode(encode(x, key), x, key)`` is this compressor's ``C(x)``. Leaves the compressor would not
+    compress (scalars, or too little saving) travel raw in the payload.
+    """
+
+    encode: Callable[[Any, jax.Array], Any]
+    decode: Callable[[Any, Any, jax.Array], Any]
+
+
 class Compressor(NamedTuple):
     """A gradient compressor with its aggregation protocol (optax style: a tuple of functions).
 
@@ -71,12 +92,14 @@ class Compressor(NamedTuple):
         it aggregates ``p = x + error`` exactly as ``aggregate(p)`` would and returns the new residual
         ``p - C_i(p)`` computed in the same pass (``Aggregate.local`` is None there). None: error
         feedback adds, aggregates and subtracts in separate steps.
+      codec: the point-to-point :class:`Codec`, or None where the protocol is collective only.
     """
 
     init: Callable[[Any], Any]
     aggregate: Callable[..., Aggregate]
     name: str
     aggregate_ef: Callable[..., tuple[Aggregate, Any]] | None = None
+    codec: Codec | None = None
 
 
 def compute_dtype(dtype: Any) -> np.dtype:
@@ -177,6 +200,37 @@ def _flat(leaf: jax.Array) -> jax.Array:
     return leaf.reshape(-1).astype(compute_dtype(leaf.dtype))
 
 
+def leafwise_codec(
+    name: str,
+    plan: Callable[[list], list[int]],
+    encode_leaf: Callable[[jax.Array, jax.Array], Any],
+    decode_leaf: Callable[[Any, jax.Array, jax.Array], jax.Array],
+) -> Codec:
+    """A :class:`Codec` that encodes the leaves ``plan(leaves)`` selects and sends the others raw.
+
+    ``encode_leaf(leaf, key) -> payload``; ``decode_leaf(payload, leaf, key) -> flat or shaped
+    decoded leaf``; one key per leaf from ``key`` (:func:`leaf_keys`).
+    """
+
+    def encode(x, key):
+        leaves, _ = flatten_floating(x, name)
+        keys = leaf_keys(key, len(leaves))
+        chosen = set(plan(leaves))
+        return [encode_leaf(leaf, keys[i]) if i in chosen else leaf for i, leaf in enumerate(leaves)]
+
+    def decode(payload, like, key):
+        leaves, treedef = jax.tree_util.tree_flatten(like)
+        keys = leaf_keys(key, len(leaves))
+        chosen = set(plan(leaves))
+        out = [
+            restore(leaf, decode_leaf(p, leaf, keys[i])) if i in chosen else p
+            for i, (leaf, p) in enumerate(zip(leaves, payload))
+        ]
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return Codec(encode, decode)
+
+
 _SCALAR = jax.ShapeDtypeStruct((), jnp.float32)  # abstract ``aux`` for sizing a summable payload
 
 
@@ -202,16 +256,19 @@ def summable(
     The compressor is stateless (its state is ``()``).
     """
 
+    def plan(leaves):
+        return [
+            i
+            for i, leaf in enumerate(leaves)
+            if is_compressible(leaf, _encoded_nbytes(encode, leaf, _SCALAR), min_compression_rate)
+        ]
+
     def aggregate(x, state, key, step, bytes_sent, axis_name):
         del step
         leaves, treedef = flatten_floating(x, name)
         channel = Channel(axis_name)
         keys = leaf_keys(key, len(leaves))
-        compressed = [
-            i
-            for i, leaf in enumerate(leaves)
-            if is_compressible(leaf, _encoded_nbytes(encode, leaf, _SCALAR), min_compression_rate)
-        ]
+        compressed = plan(leaves)
         plain = [i for i in range(len(leaves)) if i not in compressed]
         flats = [_flat(leaves[i]) for i in compressed]
         aux = list(prepare(flats, channel)) if (prepare is not None and flats) else [None] * len(flats)
@@ -229,7 +286,15 @@ def summable(
         unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)
         return Aggregate(unflat(mean_leaves), unflat(local_leaves), state, bytes_sent.add(channel.nbytes))
 
-    return Compressor(lambda params: (), aggregate, name)
+    codec = None
+    if prepare is None:  # a shared scale needs a collective first: no point-to-point form
+        codec = leafwise_codec(
+            name,
+            plan,
+            lambda leaf, key: encode(_flat(leaf), key, None),
+            lambda payload, leaf, key: decode(payload, leaf.size, key, None),
+        )
+    return Compressor(lambda params: (), aggregate, name, codec=codec)
 
 
 def mean_over_workers(decoded: jax.Array) -> jax.Array:
@@ -308,7 +373,15 @@ def gathered(
         unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)
         return Aggregate(unflat(mean_leaves), unflat(local_leaves), new_state, bytes_sent.add(channel.nbytes))
 
-    return Compressor(init, aggregate, name)
+    codec = None
+    if not stateful:
+        codec = leafwise_codec(
+            name,
+            plan,
+            lambda leaf, key: encode(view(leaf), key),
+            lambda payload, leaf, key: decode(payload, extent(leaf)),
+        )
+    return Compressor(init, aggregate, name, codec=codec)
 
 
 def _exchange(
@@ -414,4 +487,10 @@ def gathered_ef(
         agg = Aggregate(unflat(mean_leaves), None, state, bytes_sent.add(channel.nbytes))
         return agg, unflat(new_error)
 
-    return Compressor(lambda params: (), aggregate, name, aggregate_ef)
+    codec = leafwise_codec(
+        name,
+        plan,
+        lambda leaf, key: encode(_flat(leaf), key),
+        lambda payload, leaf, key: decode_accumulate(payload, jnp.zeros((leaf.size,), jnp.float32)),
+    )
+    return Compressor(lambda params: (), aggregate, name, aggregate_ef, codec)
