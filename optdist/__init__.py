@@ -1,6 +1,6 @@
 """optdist: composable optax transforms for distributed, communication-efficient training."""
 
-from optdist import comm, outer, preconditioning, robust
+from optdist import comm, decentralized, outer, preconditioning, robust, zeroth_order
 from optdist import compression as compressors
 from optdist.comm import (
     ByteCounter,
@@ -11,6 +11,7 @@ from optdist.comm import (
     num_workers,
     worker_index,
 )
+from optdist.decentralized import gossip, gradient_tracking
 from optdist.execution import (
     data_parallel,
     is_replicated,
@@ -45,6 +46,7 @@ from optdist.preconditioning import (
     shampoo,
 )
 from optdist.robust import aggregators, attacks, monna_sgd, robust_mean
+from optdist.zeroth_order import SeededSPSAState, seeded_spsa
 
 __version__ = "0.1.0"
 
@@ -54,6 +56,12 @@ __all__ = [
     "UnboundAxisError",
     "bytes_sent",
     "comm",
+    "decentralized",
+    "gossip",
+    "gradient_tracking",
+    "zeroth_order",
+    "seeded_spsa",
+    "SeededSPSAState",
     "compressors",
     "CompressedMeanState",
     "compressed_mean",

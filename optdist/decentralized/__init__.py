@@ -1,0 +1,21 @@
+"""Decentralized training: gossip over a communication graph (D-SGD, CHOCO-SGD) and gradient tracking."""
+
+from optdist.decentralized.gossip import GossipState, gossip, mix, mix_compressed
+from optdist.decentralized.gradient_tracking import GradientTrackingState, gradient_tracking
+from optdist.decentralized.topology import Topology, complete, custom, exponential, resolve, ring, torus
+
+__all__ = [
+    "GossipState",
+    "GradientTrackingState",
+    "Topology",
+    "complete",
+    "custom",
+    "exponential",
+    "gossip",
+    "gradient_tracking",
+    "mix",
+    "mix_compressed",
+    "resolve",
+    "ring",
+    "torus",
+]
