@@ -189,6 +189,40 @@ def _fedadam(config, axis_name):
     return optdist.fedadam(config.learning_rate, 0.01, 10, axis_name)
 
 
+# Decentralized (no all-reduce): each worker keeps its own parameters and gossips them with its graph
+# neighbours after the base optimizer's local step. Evaluation averages the workers' own models.
+for _graph in ("ring", "exponential"):
+    register(
+        f"dsgd_{_graph}", description=f"D-SGD: local step, then gossip on a {_graph}", family="decentralized"
+    )(lambda config, axis_name, g=_graph: optax.chain(base_optimizer(config), optdist.gossip(g, axis_name)))
+
+
+@register(
+    "choco_ring_topk10",
+    description="CHOCO-SGD: ring gossip of top-10% compressed changes, consensus step 0.3",
+    family="decentralized",
+)
+def _choco(config, axis_name):
+    compressor = optdist.compressors.top_k(0.1)
+    step_size = config.get("consensus_step_size", 0.3)
+    return optax.chain(
+        base_optimizer(config), optdist.gossip("ring", axis_name, compressor, consensus_step_size=step_size)
+    )
+
+
+@register(
+    "gradient_tracking_ring",
+    description="gradient tracking (DIGing): ring-gossiped gradient tracker, then ring gossip",
+    family="decentralized",
+)
+def _gradient_tracking(config, axis_name):
+    return optax.chain(
+        optdist.gradient_tracking("ring", axis_name),
+        base_optimizer(config),
+        optdist.gossip("ring", axis_name, order="combine_then_adapt"),
+    )
+
+
 # Preconditioning (issue 4): Shampoo after the exact mean, so statistics are identical on all workers.
 # "shampoo" uses SHAMPOO_DEFAULTS updated by config.shampoo; "shampoo/every<k>/block<b>/graft<type>"
 # (each part optional) overrides the refresh cadence, the block size and the grafting type.

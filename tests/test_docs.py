@@ -24,6 +24,8 @@ def test_readme_examples_run():
     assert namespace["optdist"].bytes_sent(state_w).shape == (8,)
     assert float(namespace["stack_loss"].mean()) < 1.0  # the composed stack trains too (0.43 here)
     assert int(namespace["optdist"].bytes_sent(namespace["stack_w"][1])[0]) > 0
+    assert float(namespace["dec_loss"].mean()) < 1.0  # decentralized CHOCO-SGD trains
+    assert namespace["spread"] < 0.5  # and the workers' parameters stay close (consensus)
 
 
 @pytest.mark.slow
