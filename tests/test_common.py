@@ -102,6 +102,22 @@ REGISTRY = {
         # aggregate is non-finite, so the safe outcome is the agreed skip.
         nonfinite="skip",
     ),
+    # Decentralized: per-worker parameters, gossip last in the chain (it outputs parameter updates).
+    "gossip[ring]": Entry(lambda ax: optax.chain(optax.sgd(0.1), optdist.gossip("ring", ax)), "update"),
+    "gossip[choco+top_k]": Entry(
+        lambda ax: optax.chain(
+            optax.sgd(0.1), optdist.gossip("ring", ax, compressors.top_k(0.3), consensus_step_size=0.5)
+        ),
+        "update",
+    ),
+    "gradient_tracking": Entry(
+        lambda ax: optax.chain(
+            optdist.gradient_tracking("exponential", ax),
+            optax.sgd(0.1),
+            optdist.gossip("exponential", ax, order="combine_then_adapt"),
+        ),
+        "update",
+    ),
 }
 NAMES = sorted(REGISTRY)
 

@@ -46,6 +46,30 @@ def _gather_row_major(tree: Any, axes: tuple[str, ...]) -> Any:
     return jax.tree_util.tree_map(gather, tree)
 
 
+def _reduce(tree: Any, axes: tuple[str, ...], combine: Any, collective: Any) -> Any:
+    """An all-reduce (``combine`` = add or max) over ``axes``, fast and replica-exact on simulated axes.
+
+    jax lowers ``psum`` over a ``vmap`` axis to a reduction over the stacked axis, which XLA:CPU
+    runs an order of magnitude slower than adding the ``n`` slices (10 ms vs 0.2 ms for 8 x 525k
+    float32). Over the simulated axes the workers' values are gathered (free: no device talks to
+    another) and combined one slice at a time in worker order, so every worker gets bit-identical
+    results; ``collective`` (``lax.psum``/``lax.pmax``) then spans the device axes, if any.
+    """
+    simulated = set(current_simulated_axes())
+    sim_axes = tuple(a for a in axes if a in simulated)
+    device_axes = tuple(a for a in axes if a not in simulated)
+
+    def one(x):
+        if sim_axes:
+            stacked = _gather_row_major(x, sim_axes)  # [workers on this device, ...]
+            x = stacked[0]
+            for i in range(1, stacked.shape[0]):
+                x = combine(x, stacked[i])
+        return collective(x, device_axes) if device_axes else x
+
+    return jax.tree_util.tree_map(one, tree)
+
+
 def _permute(tree: Any, axes: tuple[str, ...], perm: list[tuple[int, int]]) -> Any:
     """``lax.ppermute`` over one or several axes, row-major, including simulated (``vmap``) axes.
 
@@ -120,15 +144,21 @@ class Channel:
 
     def psum(self, tree: Any) -> Any:
         """Sum over workers (ring all-reduce)."""
-        return self._issue(lax.psum, tree, accounting.all_reduce_bytes(tree, self.size))
+        return self._issue(lambda t, axes: _reduce(t, axes, jnp.add, lax.psum), tree, self._ring_bytes(tree))
 
     def pmean(self, tree: Any) -> Any:
         """Mean over workers (ring all-reduce)."""
-        return self._issue(lax.pmean, tree, accounting.all_reduce_bytes(tree, self.size))
+        total = self._issue(lambda t, axes: _reduce(t, axes, jnp.add, lax.psum), tree, self._ring_bytes(tree))
+        return jax.tree_util.tree_map(lambda x: x / jnp.asarray(self.size, x.dtype), total)
 
     def pmax(self, tree: Any) -> Any:
         """Element-wise max over workers (ring all-reduce)."""
-        return self._issue(lax.pmax, tree, accounting.all_reduce_bytes(tree, self.size))
+        return self._issue(
+            lambda t, axes: _reduce(t, axes, jnp.maximum, lax.pmax), tree, self._ring_bytes(tree)
+        )
+
+    def _ring_bytes(self, tree: Any) -> int:
+        return accounting.all_reduce_bytes(tree, self.size)
 
     def all_gather(self, tree: Any) -> Any:
         """Every worker's ``tree``, stacked on a new leading axis of size ``n``."""
