@@ -46,6 +46,20 @@ def _gather_row_major(tree: Any, axes: tuple[str, ...]) -> Any:
     return jax.tree_util.tree_map(gather, tree)
 
 
+def ordered_sum(stacked: jax.Array, combine: Any = jnp.add) -> jax.Array:
+    """``combine(...combine(stacked[0], stacked[1])..., stacked[n-1])``: the rows of a gathered array in
+    worker order.
+
+    Equal to ``stacked.sum(0)`` (for ``jnp.add``), but one fused elementwise pass instead of
+    XLA:CPU's reduction over the major axis (50x slower for 8 x 525k float32), and the same
+    summation order on every worker, so replicas stay bit-identical.
+    """
+    out = stacked[0]
+    for i in range(1, stacked.shape[0]):
+        out = combine(out, stacked[i])
+    return out
+
+
 def _reduce(tree: Any, axes: tuple[str, ...], combine: Any, collective: Any) -> Any:
     """An all-reduce (``combine`` = add or max) over ``axes``, fast and replica-exact on simulated axes.
 
@@ -61,10 +75,7 @@ def _reduce(tree: Any, axes: tuple[str, ...], combine: Any, collective: Any) -> 
 
     def one(x):
         if sim_axes:
-            stacked = _gather_row_major(x, sim_axes)  # [workers on this device, ...]
-            x = stacked[0]
-            for i in range(1, stacked.shape[0]):
-                x = combine(x, stacked[i])
+            x = ordered_sum(_gather_row_major(x, sim_axes), combine)  # [workers on this device, ...]
         return collective(x, device_axes) if device_axes else x
 
     return jax.tree_util.tree_map(one, tree)

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optdist.comm.accounting import ByteCounter, payload_bytes
-from optdist.comm.channel import Channel
+from optdist.comm.channel import Channel, ordered_sum
 
 
 class Aggregate(NamedTuple):
@@ -298,7 +298,7 @@ def summable(
 
 
 def mean_over_workers(decoded: jax.Array) -> jax.Array:
-    return jnp.mean(decoded, axis=0)
+    return ordered_sum(decoded) / decoded.shape[0]
 
 
 def gathered(

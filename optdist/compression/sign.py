@@ -5,11 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from optdist.comm.channel import ordered_sum
 from optdist.compression.base import Compressor, gathered, mean_over_workers, pack_bits, unpack_bits
 
 
 def _majority_vote(decoded: jax.Array) -> jax.Array:
-    return jnp.sign(jnp.sum(decoded, axis=0))
+    return jnp.sign(ordered_sum(decoded))
 
 
 def sign(scaled: bool = True) -> Compressor:
