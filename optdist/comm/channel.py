@@ -60,22 +60,30 @@ def ordered_sum(stacked: jax.Array, combine: Any = jnp.add) -> jax.Array:
     return out
 
 
+# Below this many elements per worker XLA:CPU's reduction over the stacked axis is as fast (measured
+# on 8 x n float32: 18 vs 29 us at n = 16k; 1.8 ms vs 0.11 ms at n = 64k).
+_ORDERED_SUM_MIN_SIZE = 32768
+
+
 def _reduce(tree: Any, axes: tuple[str, ...], combine: Any, collective: Any) -> Any:
     """An all-reduce (``combine`` = add or max) over ``axes``, fast and replica-exact on simulated axes.
 
     jax lowers ``psum`` over a ``vmap`` axis to a reduction over the stacked axis, which XLA:CPU
-    runs an order of magnitude slower than adding the ``n`` slices (10 ms vs 0.2 ms for 8 x 525k
-    float32). Over the simulated axes the workers' values are gathered (free: no device talks to
-    another) and combined one slice at a time in worker order, so every worker gets bit-identical
-    results; ``collective`` (``lax.psum``/``lax.pmax``) then spans the device axes, if any.
+    runs an order of magnitude slower than adding the ``n`` slices once a leaf is large (10 ms vs
+    0.2 ms for 8 x 525k float32). For such leaves the workers' values are gathered over the simulated
+    axes (free: no device talks to another) and combined one slice at a time in worker order (every
+    worker gets bit-identical results, as with the reduction); small leaves keep ``collective``.
+    ``collective`` (``lax.psum``/``lax.pmax``) then spans the device axes, if any.
     """
     simulated = set(current_simulated_axes())
     sim_axes = tuple(a for a in axes if a in simulated)
     device_axes = tuple(a for a in axes if a not in simulated)
 
     def one(x):
-        if sim_axes:
+        if sim_axes and x.size >= _ORDERED_SUM_MIN_SIZE:
             x = ordered_sum(_gather_row_major(x, sim_axes), combine)  # [workers on this device, ...]
+        elif sim_axes:
+            x = collective(x, sim_axes)
         return collective(x, device_axes) if device_axes else x
 
     return jax.tree_util.tree_map(one, tree)

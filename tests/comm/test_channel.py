@@ -58,9 +58,10 @@ def test_ppermute_rejects_a_partial_permutation():
     ],
     ids=["simulate", "data_parallel_2_per_device"],
 )
-def test_all_reduces_are_exact_and_identical_on_every_worker(runner):
-    """psum / pmean / pmax over simulated workers add the gathered slices in worker order."""
-    x = jax.random.normal(jax.random.key(0), (16, 1000))
+@pytest.mark.parametrize("size", [1000, 40000], ids=["small_leaf_reduce", "large_leaf_ordered_sum"])
+def test_all_reduces_are_exact_and_identical_on_every_worker(runner, size):
+    """psum / pmean / pmax over simulated workers (large leaves: the gathered slices in worker order)."""
+    x = jax.random.normal(jax.random.key(0), (16, size))
 
     def step(v):
         channel = Channel("data")
