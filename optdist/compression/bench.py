@@ -83,6 +83,11 @@ def methods() -> dict[str, Callable[[str], optax.GradientTransformation]]:
         "cast_bf16": cm(compression.cast(jnp.bfloat16)),
         "cast_fp8_e4m3": cm(compression.cast(jnp.float8_e4m3fn)),
         "demo_64_32": cm(compression.demo(64, 32)),
+        # Kernel-backed compressors on their fused EF path (impl="auto": the XLA reference off GPU).
+        "int8_b256_ef": cm(compression.int8(256), "ef"),
+        "ternary_b256_ef": cm(compression.ternary(256), "ef"),
+        "scaled_sign_b256_ef": cm(compression.scaled_sign(256), "ef"),
+        "threshold_top_k_1%_ef": cm(compression.threshold_top_k(0.01), "ef"),
     }
 
 
