@@ -31,4 +31,5 @@ if [ -n "${ALL:-}" ]; then  # the step-time benchmarks of the other families (ab
   step 40 python3 -m optdist.outer.bench $S --out "$OUT/outer.json"
   step 40 python3 -m optdist.robust.bench $S --out "$OUT/robust.json"
   step 40 python3 -m experiments.benchmarks.simulate_overhead --out "$OUT/simulate.json"
+  step 40 python3 -m optdist.decentralized.bench $S --out "$OUT/gossip.json"
 fi
