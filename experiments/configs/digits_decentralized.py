@@ -1,26 +1,21 @@
 """Decentralized digits: no all-reduce, 8 workers on a ring or an exponential graph, non-IID data.
 
-Each worker sees 2 classes, so the workers' optima differ: plain D-SGD pays for the heterogeneity,
-gradient tracking corrects it, CHOCO-SGD gossips top-10% compressed changes.
+The federated config's split (each worker sees 2 classes), so the workers' optima differ: plain D-SGD
+pays for the heterogeneity, gradient tracking corrects it, CHOCO-SGD gossips top-10% compressed
+changes.
 
 python -m experiments.compare --config=experiments/configs/digits_decentralized.py --workdir=runs/decentralized
 """
 
 import ml_collections
 
-from experiments.configs import digits
+from experiments.configs import digits_federated
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.base = digits.get_config()
-    c.base.classes_per_worker = 2
-    c.base.optimizer = "sgd"
-    c.base.momentum = 0.0
+    c = digits_federated.get_config()
     c.base.learning_rate = 0.1
     c.base.steps = 1000
     c.methods = "exact_mean,local_only,dsgd_ring,dsgd_exponential,gradient_tracking_ring,choco_ring_topk10"
     c.target_accuracy = 0.8
-    c.bandwidth_gbit = 1.0
-    c.latency_ms = 0.0
     return c
