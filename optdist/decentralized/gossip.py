@@ -28,7 +28,9 @@ step. Put this transform *last* in the chain; parameters carry the worker axis (
 worker), as in :func:`optdist.outer_loop`.
 
 Bytes per worker per step: the payload (parameter bytes, or the compressor's encoded payload) times
-the number of distinct neighbour terms (ring: 2, torus: 4, exponential: ``⌈log₂ n⌉``).
+the number of distinct neighbour terms (ring: 2, torus: 4, exponential: ``⌈log₂ n⌉``). Each send packs
+the leaves into one buffer per dtype, so a step issues one ``ppermute`` per term and dtype however
+many leaves the model has.
 
 Non-finite policy: a NaN in one worker's parameters reaches its neighbours, then everyone; wrap the
 chain in :func:`optdist.skip_nonfinite`.
@@ -52,7 +54,7 @@ from optdist import _checks
 from optdist.comm.accounting import ByteCounter
 from optdist.comm.axes import AxisName, validate_axis_name
 from optdist.comm.channel import Channel
-from optdist.compression.base import Codec, Compressor, compute_dtype
+from optdist.compression.base import Codec, Compressor, compute_dtype, packed
 from optdist.decentralized import topology as topo
 
 _ORDERS = ("adapt_then_combine", "combine_then_adapt")
@@ -78,11 +80,17 @@ def _scale_add(total: Any, weight: float, tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda t, x: t + jnp.asarray(weight, t.dtype) * x, total, tree)
 
 
+def send(tree: Any, perm: tuple[int, ...], channel: Channel) -> Any:
+    """``tree`` from the worker that sends to this one under ``perm``: one ``ppermute`` per dtype
+    (the leaves are packed into one buffer per dtype first, however many there are)."""
+    return packed(lambda buffers: channel.ppermute(buffers, list(enumerate(perm))), tree)
+
+
 def mix(tree: Any, graph: topo.Topology, channel: Channel) -> Any:
-    """``(W x)_i = self_weight x_i + Σ_k w_k x_{source_k(i)}``: one ``ppermute`` of ``tree`` per term."""
+    """``(W x)_i = self_weight x_i + Σ_k w_k x_{source_k(i)}``: one packed send of ``tree`` per term."""
     total = jax.tree_util.tree_map(lambda x: jnp.asarray(graph.self_weight, x.dtype) * x, tree)
     for weight, perm in zip(graph.weights, graph.perms):
-        total = _scale_add(total, weight, channel.ppermute(tree, list(enumerate(perm))))
+        total = _scale_add(total, weight, send(tree, perm, channel))
     return total
 
 
@@ -97,7 +105,7 @@ def mix_compressed(q: Any, codec: Codec, key: jax.Array, graph: topo.Topology, c
     own = codec.decode(payload, q, jax.random.fold_in(key, me))
     total = jax.tree_util.tree_map(lambda x: jnp.asarray(graph.self_weight, x.dtype) * x, own)
     for term, (weight, perm) in enumerate(zip(graph.weights, graph.perms)):
-        received = channel.ppermute(payload, list(enumerate(perm)))
+        received = send(payload, perm, channel)
         source = jnp.asarray(graph.sources(term), jnp.int32)[me]
         total = _scale_add(total, weight, codec.decode(received, q, jax.random.fold_in(key, source)))
     return own, total

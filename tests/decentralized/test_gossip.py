@@ -365,3 +365,22 @@ def test_clear_errors():
         optdist.simulate(lambda p, s: wrong_size.update(p, s, p), "data")(
             {"v": jnp.ones((8, 3))}, jax.vmap(wrong_size.init)({"v": jnp.ones((8, 3))})
         )
+
+
+@pytest.mark.parametrize(
+    "tx, expected",
+    [
+        (optdist.gossip("ring", "data"), 2),  # two neighbours, one float32 buffer each
+        (optdist.gossip("exponential", "data"), 3),
+        (optdist.gossip("ring", "data", optdist.compressors.top_k(0.25), consensus_step_size=0.5), 4),
+        (optdist.gradient_tracking("ring", "data"), 2),
+    ],
+    ids=["ring", "exponential", "choco_top_k", "tracking"],
+)
+def test_one_collective_permute_per_term_and_dtype_however_many_leaves(tx, expected):
+    """Leaves are packed per dtype before sending (CHOCO's top-k payload: float32 values, int32 indices)."""
+    params = {f"w{i}": jnp.ones((16, 4)) for i in range(6)}
+    lowered = jax.pmap(lambda g, s: tx.update(g, s, g), "data").lower(
+        *optdist.replicate((params, tx.init(params)), 8)
+    )
+    assert lowered.as_text().count('"stablehlo.collective_permute"') == expected
