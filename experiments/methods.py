@@ -191,7 +191,7 @@ def _fedadam(config, axis_name):
 
 # Decentralized (no all-reduce): each worker keeps its own parameters and gossips them with its graph
 # neighbours after the base optimizer's local step. Evaluation averages the workers' own models.
-for _graph in ("ring", "exponential"):
+for _graph in ("ring", "exponential", "one_peer_exponential"):
     register(
         f"dsgd_{_graph}", description=f"D-SGD: local step, then gossip on a {_graph}", family="decentralized"
     )(lambda config, axis_name, g=_graph: optax.chain(base_optimizer(config), optdist.gossip(g, axis_name)))

@@ -78,6 +78,7 @@ BAD = [
     ("gossip", lambda: optdist.gossip("ring", "data", optdist.compressors.demo()), "compressor"),
     ("gradient_tracking", lambda: optdist.gradient_tracking("line", "data"), "topology"),
     ("decentralized.torus", lambda: optdist.decentralized.torus(0, 2), "rows"),
+    ("decentralized.one_peer_exponential", lambda: optdist.decentralized.one_peer_exponential(0), "size"),
     ("decentralized.custom", lambda: optdist.decentralized.custom(2, 0.7, [(0.7, (1, 0))]), "weights"),
     ("seeded_spsa", lambda: optdist.seeded_spsa("data", perturbation_scale=0.0), "perturbation_scale"),
     ("seeded_spsa", lambda: optdist.seeded_spsa("data", payload="int4"), "payload"),

@@ -1,4 +1,4 @@
-"""A branch on a per-worker predicate that stays a branch when workers are simulated.
+"""A branch on a per-worker predicate (or index) that stays a branch when workers are simulated.
 
 ``jax.vmap`` turns ``lax.cond`` with a batched predicate into a select that runs *both* branches on
 every call. Under :func:`optdist.simulate` every per-worker value is batched, including a step counter
@@ -13,11 +13,12 @@ workers disagree:
 * mixed (never for a replicated step counter): both, each worker keeping its own branch's result.
 
 Outside a simulation (``shard_map``, ``pmap``, one worker) it is exactly ``lax.cond``.
+:func:`worker_switch` is the same for ``lax.switch`` (e.g. a gossip graph that changes every step).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,6 +28,31 @@ from jax import lax
 from optdist.comm.axes import current_simulated_axes
 
 
+def worker_switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -> Any:
+    """``branches[index](*operands)`` with this worker's ``index``: ``lax.switch`` kept a real branch
+    under simulated workers (see the module docstring; index out of range is clamped as by
+    ``lax.switch``).
+
+    Under a simulation the index is reduced over the simulated axes: if every worker holds the same
+    index, only that branch runs; otherwise every branch runs and each worker keeps its own.
+    """
+    index = jnp.clip(jnp.asarray(index, jnp.int32), 0, len(branches) - 1)
+    axes = current_simulated_axes()
+    if not axes:
+        return lax.switch(index, branches, *operands)
+    try:
+        low, high = lax.pmin(index, axes), lax.pmax(index, axes)
+    except NameError:  # traced outside the simulated mapping (e.g. a nested transformation)
+        return lax.switch(index, branches, *operands)
+
+    def mixed(*ops):
+        outs = [branch(*ops) for branch in branches]
+        return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves)[index], *outs)
+
+    agreed = jnp.where(low == high, low, len(branches))
+    return lax.switch(agreed, (*branches, mixed), *operands)
+
+
 def worker_cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], *operands: Any) -> Any:
     """``true_fn(*operands)`` where this worker's ``pred`` holds, else ``false_fn(*operands)``.
 
@@ -34,18 +60,6 @@ def worker_cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., 
     for how it avoids running both branches under simulated workers.
     """
     pred = jnp.asarray(pred, bool)
-    axes = current_simulated_axes()
-    if not axes:
+    if not current_simulated_axes():
         return lax.cond(pred, true_fn, false_fn, *operands)
-    flag = pred.astype(jnp.int32)
-    try:
-        any_true = lax.pmax(flag, axes) > 0
-        all_true = lax.pmin(flag, axes) > 0
-    except NameError:  # traced outside the simulated mapping (e.g. a nested transformation)
-        return lax.cond(pred, true_fn, false_fn, *operands)
-
-    def mixed(*ops):
-        return jax.tree_util.tree_map(lambda t, f: jnp.where(pred, t, f), true_fn(*ops), false_fn(*ops))
-
-    index = jnp.where(all_true, 1, jnp.where(any_true, 2, 0))
-    return lax.switch(index, (false_fn, true_fn, mixed), *operands)
+    return worker_switch(pred.astype(jnp.int32), (false_fn, true_fn), *operands)

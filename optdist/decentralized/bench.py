@@ -4,7 +4,8 @@ Every row runs the same MLP training step (gradient + SGD) for ``W`` workers as 
 ``lax.scan`` of ``steps`` steps; only the communication differs:
 
 * ``exact_mean``: ``mean_gradients`` (one ring all-reduce), the baseline of every ratio;
-* ``dsgd_ring`` / ``dsgd_exponential``: gossip of the parameters (2 / ``⌈log₂ W⌉`` ppermutes);
+* ``dsgd_ring`` / ``dsgd_exponential`` / ``dsgd_one_peer_exp``: gossip of the parameters (2 /
+  ``⌈log₂ W⌉`` / 1 ppermutes per step);
 * ``choco_topk10`` / ``choco_threshold_topk10``: CHOCO-SGD on the ring, top-10% compressed changes
   (``lax.top_k``, or the sort-free threshold top-k);
 * ``gradient_tracking``: DIGing on the ring (tracker and parameters gossiped: 4 ppermutes).
@@ -37,6 +38,7 @@ def methods(axis: str) -> dict[str, optax.GradientTransformation]:
         "exact_mean": optax.chain(optdist.mean_gradients(axis), sgd),
         "dsgd_ring": optax.chain(sgd, optdist.gossip("ring", axis)),
         "dsgd_exponential": optax.chain(sgd, optdist.gossip("exponential", axis)),
+        "dsgd_one_peer_exp": optax.chain(sgd, optdist.gossip("one_peer_exponential", axis)),
         "choco_topk10": optax.chain(
             sgd, optdist.gossip("ring", axis, optdist.compressors.top_k(0.1), consensus_step_size=0.3)
         ),

@@ -42,16 +42,17 @@ import optax
 
 from optdist import _checks
 from optdist.comm.accounting import ByteCounter
-from optdist.comm.axes import AxisName, validate_axis_name
-from optdist.comm.channel import Channel
+from optdist.comm.axes import AxisName, num_workers, validate_axis_name
 from optdist.compression.base import compute_dtype
 from optdist.decentralized import topology as topo
-from optdist.decentralized.gossip import mix
+from optdist.decentralized.gossip import mix_on_schedule
 
 
 class GradientTrackingState(NamedTuple):
-    """State of :func:`gradient_tracking` (per worker): tracker ``y_i``, previous gradient, bytes."""
+    """State of :func:`gradient_tracking` (per worker): step count, tracker ``y_i``, previous gradient,
+    bytes."""
 
+    count: jax.Array
     tracker: Any
     previous_gradient: Any
     bytes_sent: ByteCounter
@@ -63,8 +64,10 @@ def gradient_tracking(
     """Replaces each worker's gradient by its tracker of the average gradient (see the module docstring).
 
     Args:
-      topology: ``"ring"``, ``"torus"``, ``"exponential"``, ``"complete"`` or a
-        :class:`~optdist.decentralized.Topology` (use the same graph as the parameters' gossip).
+      topology: a name (``"ring"``, ``"torus"``, ``"exponential"``, ``"complete"``,
+        ``"one_peer_exponential"``), a :class:`~optdist.decentralized.Topology` or a
+        :class:`~optdist.decentralized.TopologySchedule` (use the same graph as the parameters'
+        gossip).
       axis_name: worker axis, or None for one worker (the tracker is then the gradient).
 
     Returns:
@@ -75,21 +78,20 @@ def gradient_tracking(
 
     def init_fn(params):
         zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), compute_dtype(p.dtype)), params)
-        return GradientTrackingState(zeros, zeros, ByteCounter.zeros(axis_name))
+        return GradientTrackingState(jnp.zeros((), jnp.int32), zeros, zeros, ByteCounter.zeros(axis_name))
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         _checks.check_same_structure(updates, params, "params")
         _checks.check_same_structure(updates, state.tracker, "the tracker in the state")
         _checks.check_floating(updates, "gradient_tracking")
-        channel = Channel(axis_name)
-        graph = topo.resolve(topology, channel.size)
+        graphs = topo.resolve(topology, num_workers(axis_name))
         g = jax.tree_util.tree_map(lambda x: x.astype(compute_dtype(x.dtype)), updates)
-        mixed = mix(state.tracker, graph, channel)
+        mixed, bytes_sent = mix_on_schedule(state.tracker, graphs, state.count, axis_name, state.bytes_sent)
         tracker = jax.tree_util.tree_map(
             lambda m, new, old: m + (new - old), mixed, g, state.previous_gradient
         )
         out = jax.tree_util.tree_map(lambda y, u: y.astype(u.dtype), tracker, updates)
-        return out, GradientTrackingState(tracker, g, state.bytes_sent.add(channel.nbytes))
+        return out, GradientTrackingState(state.count + 1, tracker, g, bytes_sent)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -9,8 +9,9 @@ stochastic (Birkhoff), so gossip ``x ← W x`` preserves the workers' mean, and 
 ``ppermute`` (a worker sends its payload once per term). Identical permutations are merged, so a
 2-worker ring is one exchange, not two.
 
-Factories: :func:`ring`, :func:`torus`, :func:`exponential`, :func:`complete`; :func:`resolve`
-turns a name into a topology once the number of workers is known (at trace time).
+Factories: :func:`ring`, :func:`torus`, :func:`exponential`, :func:`complete`, and the time-varying
+:func:`one_peer_exponential` (a :class:`TopologySchedule`: one graph per step, cycling); :func:`resolve`
+turns a name into the graphs once the number of workers is known (at trace time).
 
 References:
   Lian et al., "Can Decentralized Algorithms Outperform Centralized Algorithms?", NeurIPS 2017.
@@ -143,17 +144,57 @@ def complete(size: int) -> Topology:
     )
 
 
+class TopologySchedule(NamedTuple):
+    """A time-varying graph: step ``t`` gossips on ``rounds[t % len(rounds)]``.
+
+    Attributes:
+      name: a short name, e.g. ``"one_peer_exponential(8)"``.
+      size: number of workers ``n``.
+      rounds: the graphs, in order.
+    """
+
+    name: str
+    size: int
+    rounds: tuple[Topology, ...]
+
+    def matrix(self, step: int) -> np.ndarray:
+        """``W_t`` of step ``step``."""
+        return self.rounds[step % len(self.rounds)].matrix()
+
+
+def one_peer_exponential(size: int) -> TopologySchedule:
+    """One peer per step: at step ``t`` worker ``i`` averages with ``i - 2^(t mod τ)``, ``τ = ⌈log₂ n⌉``.
+
+    Each round is ``½ (I + Π)``: one exchange per step (the ring's half), and for ``n`` a power of two
+    the product of ``τ`` consecutive rounds is exactly ``11ᵀ/n``: exact averaging in ``log₂ n`` steps
+    (Ying et al. 2021).
+    """
+    size = _checks.positive_int(size, "size")
+    offsets = [2**k for k in range(math.ceil(math.log2(size)))] if size > 1 else [0]
+    rounds = tuple(custom(size, 0.5, [(0.5, _shift(size, o))], f"one_peer({o})") for o in offsets)
+    return TopologySchedule(f"one_peer_exponential({size})", size, rounds)
+
+
 def _square_torus(size: int) -> Topology:
     rows = max(r for r in range(1, math.isqrt(size) + 1) if size % r == 0)
     return torus(rows, size // rows)
 
 
-_NAMED = {"ring": ring, "torus": _square_torus, "exponential": exponential, "complete": complete}
+_NAMED = {
+    "ring": ring,
+    "torus": _square_torus,
+    "exponential": exponential,
+    "complete": complete,
+    "one_peer_exponential": one_peer_exponential,
+}
 
 
-def validate(topology: str | Topology) -> str | Topology:
+Graph = str | Topology | TopologySchedule
+
+
+def validate(topology: Graph) -> Graph:
     """Checks a topology argument at construction time."""
-    if isinstance(topology, Topology):
+    if isinstance(topology, (Topology, TopologySchedule)):
         return topology
     if isinstance(topology, str) and topology in _NAMED:
         return topology
@@ -163,13 +204,16 @@ def validate(topology: str | Topology) -> str | Topology:
     )
 
 
-def resolve(topology: str | Topology, size: int) -> Topology:
-    """The topology for ``size`` workers (a name becomes that graph; a Topology must match ``size``)."""
+def resolve(topology: Graph, size: int) -> tuple[Topology, ...]:
+    """The graphs for ``size`` workers, one per round (one for a static graph).
+
+    A name becomes that graph; a Topology or TopologySchedule must be for ``size`` workers.
+    """
     if isinstance(topology, str):
-        return _NAMED[topology](size)
+        topology = _NAMED[topology](size)
     if topology.size != size:
         raise ValueError(
             f"topology {topology.name} is for {topology.size} workers but the axis has {size}; build it "
             f"for {size} workers or pass its name (e.g. 'ring') to size it automatically."
         )
-    return topology
+    return topology.rounds if isinstance(topology, TopologySchedule) else (topology,)

@@ -91,13 +91,15 @@ def add(a, b, scale=1.0):
 
 
 def ref_dsgd(matrix, steps, order):
+    """D-SGD; ``matrix`` is W, or a function of the step for a time-varying graph."""
+    matrix_at = matrix if callable(matrix) else (lambda t: matrix)
     xs = workers(PARAMS0)
-    for _ in range(steps):
+    for t in range(steps):
         grads = [np_grad(x, BATCHES[i]) for i, x in enumerate(xs)]
         if order == "adapt_then_combine":
-            xs = mix_np(matrix, [add(x, g, -LR) for x, g in zip(xs, grads)])
+            xs = mix_np(matrix_at(t), [add(x, g, -LR) for x, g in zip(xs, grads)])
         else:
-            xs = [add(m, g, -LR) for m, g in zip(mix_np(matrix, xs), grads)]
+            xs = [add(m, g, -LR) for m, g in zip(mix_np(matrix_at(t), xs), grads)]
     return stack(xs)
 
 
@@ -175,6 +177,15 @@ def test_topology_shapes_and_spectral_gaps():
     assert ring_gap < torus_gap <= exp_gap + 1e-12 < complete_gap == pytest.approx(1.0)
 
 
+def test_one_peer_exponential_rounds_average_exactly_in_log2_n_steps():
+    schedule = dec.one_peer_exponential(8)
+    assert len(schedule.rounds) == 3 and all(len(r.perms) == 1 for r in schedule.rounds)
+    product = schedule.matrix(2) @ schedule.matrix(1) @ schedule.matrix(0)
+    np.testing.assert_allclose(product, np.full((8, 8), 1 / 8), atol=1e-15)
+    assert not np.allclose(schedule.matrix(1) @ schedule.matrix(0), 1 / 8)  # two rounds are not enough
+    assert len(dec.one_peer_exponential(6).rounds) == 3 and len(dec.one_peer_exponential(1).rounds) == 1
+
+
 def test_custom_topology_validation():
     with pytest.raises(ValueError, match="sum to 1"):
         dec.custom(3, 0.5, [(0.6, (1, 2, 0))])
@@ -195,6 +206,28 @@ def test_dsgd_matches_float64_reference_and_counts_bytes(order):
     assert_trees_close(params, ref_dsgd(dec.ring(N).matrix(), steps, order), rtol=1e-5, atol=1e-5)
     # two ring neighbours, the full parameters to each, every step
     np.testing.assert_array_equal(optdist.bytes_sent(state), steps * 2 * PARAM_BYTES)
+
+
+def test_time_varying_dsgd_matches_float64_reference_with_one_exchange_per_step():
+    steps = 5  # more than one cycle of the 3 rounds
+    tx = optax.chain(optax.sgd(LR), optdist.gossip("one_peer_exponential", "data"))
+    params, state = run(tx, steps)
+    schedule = dec.one_peer_exponential(N)
+    assert_trees_close(params, ref_dsgd(schedule.matrix, steps, "adapt_then_combine"), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(optdist.bytes_sent(state), steps * PARAM_BYTES)  # one peer per step
+
+
+def test_time_varying_round_is_a_real_branch_in_every_mode():
+    """One round per step runs (a cond, not a select of all rounds), and the modes agree."""
+    tx = optax.chain(optax.sgd(LR), optdist.gossip("one_peer_exponential", "data"))
+    init = init_workers(tx)
+    batches = jnp.asarray(BATCHES, jnp.float32)
+    jaxpr = jax.make_jaxpr(optdist.simulate(make_step(tx), "data", jit=False))(*init, batches)
+    assert "cond" in {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
+    results = run_in_three_modes(make_step(tx), init, batches, steps=4)
+    for name in ("data_parallel", "pmap"):
+        assert_trees_close(results[name][0], results["simulate"][0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(optdist.bytes_sent(results[name][1]), 4 * PARAM_BYTES)
 
 
 def test_gossip_preserves_the_mean_and_reaches_consensus_on_every_topology():
@@ -321,7 +354,8 @@ def test_gradient_tracking_equals_diging_float64_reference():
     np.testing.assert_array_equal(optdist.bytes_sent(state), steps * 2 * 2 * PARAM_BYTES)
 
 
-def test_gradient_tracking_converges_to_the_global_optimum_where_dsgd_stalls():
+@pytest.mark.parametrize("topology", ["exponential", "one_peer_exponential"])
+def test_gradient_tracking_converges_to_the_global_optimum_where_dsgd_stalls(topology):
     x = BATCHES[..., :D_IN].reshape(-1, D_IN)
     y = BATCHES[..., D_IN:].reshape(-1, D_OUT)
     design = np.concatenate([x, np.ones((len(x), 1))], axis=1)
@@ -334,8 +368,8 @@ def test_gradient_tracking_converges_to_the_global_optimum_where_dsgd_stalls():
             float(np.abs(np.asarray(params["b"]) - b_star).max()),
         )
 
-    tracked, _ = run(diging("exponential"), 400)
-    plain, _ = run(optax.chain(optax.sgd(LR), optdist.gossip("exponential", "data")), 400)
+    tracked, _ = run(diging(topology), 400)
+    plain, _ = run(optax.chain(optax.sgd(LR), optdist.gossip(topology, "data")), 400)
     assert distance(tracked) < 1e-4
     assert distance(plain) > 1e-2  # the heterogeneity bias of constant-step D-SGD
 
@@ -352,6 +386,10 @@ def test_clear_errors():
         optdist.gossip("ring", "data", consensus_step_size=0.5)
     with pytest.raises(ValueError, match="consensus_step_size"):
         optdist.gossip("ring", "data", optdist.compressors.top_k(0.1), consensus_step_size=0.0)
+    with pytest.raises(ValueError, match="needs a fixed graph"):
+        optdist.gossip(
+            "one_peer_exponential", "data", optdist.compressors.top_k(0.1), consensus_step_size=0.5
+        )
     with pytest.raises(ValueError, match="no point-to-point form"):
         optdist.gossip("ring", "data", optdist.compressors.powersgd(2))
     params = {"v": jnp.ones((3,))}
