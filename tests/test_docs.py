@@ -26,6 +26,7 @@ def test_readme_examples_run():
     assert int(namespace["optdist"].bytes_sent(namespace["stack_w"][1])[0]) > 0
     assert float(namespace["dec_loss"].mean()) < 1.0  # decentralized CHOCO-SGD trains
     assert namespace["spread"] < 0.5  # and the workers' parameters stay close (consensus)
+    assert (namespace["optdist"].bytes_sent(namespace["spsa_w"][1]) == 20 * 7).all()  # one byte each
 
 
 @pytest.mark.slow

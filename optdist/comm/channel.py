@@ -61,7 +61,8 @@ def ordered_sum(stacked: jax.Array, combine: Any = jnp.add) -> jax.Array:
 
 
 # Below this many elements per worker XLA:CPU's reduction over the stacked axis is as fast (measured
-# on 8 x n float32: 18 vs 29 us at n = 16k; 1.8 ms vs 0.11 ms at n = 64k).
+# on 8 x n float32: 18 vs 29 us at n = 16k; 1.8 ms vs 0.11 ms at n = 64k). CPU only: GPU reductions
+# are fast, and there the gathered copy would only cost memory.
 _ORDERED_SUM_MIN_SIZE = 32768
 
 
@@ -72,7 +73,8 @@ def _reduce(tree: Any, axes: tuple[str, ...], combine: Any, collective: Any) -> 
     runs an order of magnitude slower than adding the ``n`` slices once a leaf is large (10 ms vs
     0.2 ms for 8 x 525k float32). For such leaves the workers' values are gathered over the simulated
     axes (free: no device talks to another) and combined one slice at a time in worker order (every
-    worker gets bit-identical results, as with the reduction); small leaves keep ``collective``.
+    worker gets bit-identical results, as with the reduction); small leaves, and other backends (whose
+    reductions are fast), keep ``collective``.
     ``collective`` (``lax.psum``/``lax.pmax``) then spans the device axes, if any.
     """
     simulated = set(current_simulated_axes())
@@ -80,7 +82,7 @@ def _reduce(tree: Any, axes: tuple[str, ...], combine: Any, collective: Any) -> 
     device_axes = tuple(a for a in axes if a not in simulated)
 
     def one(x):
-        if sim_axes and x.size >= _ORDERED_SUM_MIN_SIZE:
+        if sim_axes and x.size >= _ORDERED_SUM_MIN_SIZE and jax.default_backend() == "cpu":
             x = ordered_sum(_gather_row_major(x, sim_axes), combine)  # [workers on this device, ...]
         elif sim_axes:
             x = collective(x, sim_axes)
