@@ -1,11 +1,13 @@
 """Every Pallas kernel lowers for CUDA through Triton, checked on a CPU-only machine.
 
 ``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`` runs the Pallas -> Triton IR lowering
-(no GPU, no CUDA needed), so it rejects what Triton's Pallas lowering rejects: unsupported primitives
+(no GPU, no CUDA needed; the target is an abstract H100, which jax >= 0.11 requires), so it rejects
+what Triton's Pallas lowering rejects: unsupported primitives
 (``round``, ``sort``, ...), non-power-of-two array shapes inside the kernel, and so on. It does not
 run Triton's compiler (register limits, dot shape rules are checked only when XLA compiles on a GPU).
 """
 
+import contextlib
 import functools
 import inspect
 
@@ -25,15 +27,24 @@ S = jax.ShapeDtypeStruct
 F32 = jnp.float32
 
 
+def _target_h100():
+    """An abstract H100 to lower for: jax >= 0.11's Triton lowering asks the device for its compute
+    capability and, with no GPU present, needs an abstract one (``jax.sharding.AbstractDevice``)."""
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+
+
 def _cuda_hlo(fn, *specs) -> str:
     if "lowering_platforms" not in inspect.signature(jax.stages.Traced.lower).parameters:
         pytest.skip("this jax has no cross-platform lowering through Traced.lower(lowering_platforms=)")
-    return (
-        jax.jit(functools.partial(fn, interpret=False))
-        .trace(*specs)
-        .lower(lowering_platforms=("cuda",))
-        .as_text()
-    )
+    on_gpu = jax.default_backend() == "gpu"  # a real device answers for itself
+    with contextlib.nullcontext() if on_gpu else _target_h100():
+        return (
+            jax.jit(functools.partial(fn, interpret=False))
+            .trace(*specs)
+            .lower(lowering_platforms=("cuda",))
+            .as_text()
+        )
 
 
 def _quantize_cases():
