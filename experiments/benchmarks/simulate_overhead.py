@@ -11,7 +11,6 @@ state and updates, the mean's collective lowered to a reduction).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from types import SimpleNamespace
@@ -21,6 +20,7 @@ import optax
 
 import optdist
 from experiments import models
+from optdist._report import print_rows, write_json
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -95,18 +95,18 @@ def main() -> None:
     args = parser.parse_args()
     device = jax.devices()[0]
     rows = [measure(m, args.workers, args.batch, args.steps, args.repeats) for m in args.models.split(",")]
-    print(
+    columns = [
+        ("model", "model", "<12"),
+        ("workers", "workers", ">8"),
+        ("sim ms/step", "simulated_step_ms", ">13.3f"),
+        ("1x big ms/step", "single_big_batch_step_ms", ">16.3f"),
+        ("ratio", "ratio", ">8.2f"),
+    ]
+    title = (
         f"device: {device.device_kind} ({platform.processor() or platform.machine()}), jax {jax.__version__}"
     )
-    print(f"{'model':<12} {'workers':>7} {'sim ms/step':>12} {'1x big ms/step':>15} {'ratio':>7}")
-    for r in rows:
-        print(
-            f"{r['model']:<12} {r['workers']:>7} {r['simulated_step_ms']:>12.3f} "
-            f"{r['single_big_batch_step_ms']:>15.3f} {r['ratio']:>7.2f}"
-        )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": str(device), "jax": jax.__version__, "rows": rows}, f, indent=1)
+    print_rows(title, rows, columns)
+    write_json({"device": str(device), "jax": jax.__version__, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import numpy as np
 import optax
 
 import optdist
+from optdist._report import print_rows, write_json
 from optdist.outer.bench import _mlp, _scan_steps, _time
 
 
@@ -105,16 +105,16 @@ def main(argv=None) -> list[dict]:
                 }
             )
 
-    print(f"gossip step time vs all-reduce ({w} workers, SGD on a {num_params}-parameter MLP, {device})")
-    print(f"{'mode':<15}{'method':<24}{'ms/step':>10}{'ratio':>8}{'KiB/step':>11}")
-    for r in rows:
-        print(
-            f"{r['mode']:<15}{r['method']:<24}{r['ms_per_step']:>10.3f}{r['ratio_to_exact_mean']:>8.2f}"
-            f"{r['bytes_per_step'] / 1024:>11.1f}"
-        )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
+    columns = [
+        ("mode", "mode", "<15"),
+        ("method", "method", "<24"),
+        ("ms/step", "ms_per_step", ">10.3f"),
+        ("ratio", "ratio_to_exact_mean", ">8.2f"),
+        ("bytes/step", "bytes_per_step", ">12d"),
+    ]
+    title = f"gossip step time vs all-reduce ({w} workers, SGD on a {num_params}-parameter MLP, {device})"
+    print_rows(title, rows, columns)
+    write_json(rows, args.out)
     return rows
 
 

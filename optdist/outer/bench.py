@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
@@ -31,6 +30,7 @@ import optax
 from jax import lax
 
 import optdist
+from optdist._report import print_rows, write_json
 from optdist.outer.outer_loop import outer_loop
 
 
@@ -130,16 +130,18 @@ def main(argv=None) -> list[dict]:
                 }
             )
 
-    print(f"outer_loop overhead per inner step (inner AdamW, {num_params} params, {device})")
-    print(f"{'mode':<10}{'W':>4}{'H':>6}{'bare ms':>10}{'outer ms':>10}{'ratio':>8}")
-    for r in rows:
-        print(
-            f"{r['mode']:<10}{r['workers']:>4}{r['sync_every']:>6}{r['bare_ms_per_step']:>10.3f}"
-            f"{r['outer_ms_per_step']:>10.3f}{r['ratio']:>8.2f}"
-        )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
+    columns = [
+        ("mode", "mode", "<10"),
+        ("W", "workers", ">4"),
+        ("H", "sync_every", ">6"),
+        ("bare ms", "bare_ms_per_step", ">10.3f"),
+        ("outer ms", "outer_ms_per_step", ">10.3f"),
+        ("ratio", "ratio", ">8.2f"),
+    ]
+    print_rows(
+        f"outer_loop overhead per inner step (inner AdamW, {num_params} params, {device})", rows, columns
+    )
+    write_json(rows, args.out)
     return rows
 
 
