@@ -70,6 +70,7 @@ BAD = [
     ("compressors.demo", lambda: optdist.compressors.demo(chunk=0), "chunk"),
     ("gossip", lambda: optdist.gossip("star", "data"), "topology"),
     ("gossip", lambda: optdist.gossip("ring", "data", order="first"), "order"),
+    ("gossip", lambda: optdist.gossip("ring", "data", gossip_every=0), "gossip_every"),
     (
         "gossip",
         lambda: optdist.gossip("ring", "data", optdist.compressors.top_k(0.1), consensus_step_size=2.0),

@@ -36,6 +36,8 @@ Non-finite policy: a NaN in one worker's parameters reaches its neighbours, then
 chain in :func:`optdist.skip_nonfinite`.
 
 References:
+  Koloskova, Loizou, Boreiri, Jaggi, Stich, "A Unified Theory of Decentralized SGD with Changing
+  Topology and Local Updates", ICML 2020.
   Lian et al., "Can Decentralized Algorithms Outperform Centralized Algorithms? A Case Study for
   Decentralized Parallel Stochastic Gradient Descent", NeurIPS 2017.
   Koloskova, Stich, Jaggi, "Decentralized Stochastic Optimization and Gossip Algorithms with
@@ -52,8 +54,8 @@ import optax
 
 from optdist import _checks
 from optdist.comm.accounting import ByteCounter
-from optdist.comm.axes import AxisName, validate_axis_name
-from optdist.comm.branching import worker_switch
+from optdist.comm.axes import AxisName, num_workers, validate_axis_name
+from optdist.comm.branching import worker_cond, worker_switch
 from optdist.comm.channel import Channel
 from optdist.compression.base import Codec, Compressor, compute_dtype, packed
 from optdist.decentralized import topology as topo
@@ -178,6 +180,7 @@ def gossip(
     *,
     consensus_step_size: float = 1.0,
     order: str = "adapt_then_combine",
+    gossip_every: int = 1,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Gossip averaging of per-worker parameters: D-SGD, or CHOCO-SGD with a compressor.
@@ -197,6 +200,9 @@ def gossip(
       consensus_step_size: CHOCO's ``γ`` in (0, 1]; exact gossip requires 1. Aggressive compressors
         need a smaller ``γ`` (the paper tunes it; top-1% typically needs ``γ`` around 0.01–0.1).
       order: ``"adapt_then_combine"`` or ``"combine_then_adapt"``.
+      gossip_every: ``H >= 1``: gossip on every ``H``-th step only (steps ``H-1, 2H-1, ...``) and take
+        plain local steps in between (decentralized local SGD, Koloskova et al. 2020); a
+        time-varying graph advances one round per gossip.
       seed: seed of the compressor's randomness (folded with the step and the worker index).
 
     Returns:
@@ -215,6 +221,7 @@ def gossip(
     consensus_step_size = _checks.in_range(
         consensus_step_size, "consensus_step_size", 0.0, 1.0, low_open=True
     )
+    gossip_every = _checks.positive_int(gossip_every, "gossip_every")
     if compressor is None and consensus_step_size != 1.0:
         raise ValueError(
             "consensus_step_size < 1 is CHOCO-SGD's step and needs a compressor; exact gossip mixes fully "
@@ -257,30 +264,40 @@ def gossip(
                 "worker's params."
             )
         _checks.check_same_structure(updates, params, "params")
-        channel = Channel(axis_name)
-        graphs = topo.resolve(topology, channel.size)
+        graphs = topo.resolve(topology, num_workers(axis_name))
         wide = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(compute_dtype(x.dtype)), tree)
         x, u = wide(params), wide(updates)
         adapted = jax.tree_util.tree_map(jnp.add, x, u)
         point = adapted if order == "adapt_then_combine" else x
-        bytes_sent = state.bytes_sent
-        if compressor is None:
-            new_x, bytes_sent = mix_on_schedule(point, graphs, state.count, axis_name, bytes_sent)
-            public, neighbour_sum = (), ()
-        else:
+        gossip_round = state.count // gossip_every
+
+        def communicate(point, public, neighbour_sum, bytes_sent):
+            if compressor is None:
+                new_x, bytes_sent = mix_on_schedule(point, graphs, gossip_round, axis_name, bytes_sent)
+                return new_x, public, neighbour_sum, bytes_sent
             (graph,) = graphs
+            channel = Channel(axis_name)
             key = jax.random.fold_in(base_key, state.count)
-            change = jax.tree_util.tree_map(jnp.subtract, point, state.public)
+            change = jax.tree_util.tree_map(jnp.subtract, point, public)
             q, mixed_q = mix_compressed(change, compressor.codec, key, graph, channel)
-            public = jax.tree_util.tree_map(jnp.add, state.public, q)
-            neighbour_sum = jax.tree_util.tree_map(jnp.add, state.neighbour_sum, mixed_q)
+            public = jax.tree_util.tree_map(jnp.add, public, q)
+            neighbour_sum = jax.tree_util.tree_map(jnp.add, neighbour_sum, mixed_q)
             new_x = jax.tree_util.tree_map(
                 lambda v, s, h: v + consensus_step_size * (s - h), point, neighbour_sum, public
+            )
+            return new_x, public, neighbour_sum, bytes_sent.add(channel.nbytes)
+
+        operands = (point, state.public, state.neighbour_sum, state.bytes_sent)
+        if gossip_every == 1:
+            new_x, public, neighbour_sum, bytes_sent = communicate(*operands)
+        else:  # local steps in between: the gossip round is a real branch (worker_cond)
+            due = (state.count + 1) % gossip_every == 0
+            new_x, public, neighbour_sum, bytes_sent = worker_cond(
+                due, communicate, lambda *ops: ops, *operands
             )
         if order == "combine_then_adapt":
             new_x = jax.tree_util.tree_map(jnp.add, new_x, u)
         out = jax.tree_util.tree_map(lambda n, p0, p: (n - p0).astype(p.dtype), new_x, x, params)
-        new_state = GossipState(state.count + 1, public, neighbour_sum, bytes_sent.add(channel.nbytes))
-        return out, new_state
+        return out, GossipState(state.count + 1, public, neighbour_sum, bytes_sent)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -90,16 +90,19 @@ def add(a, b, scale=1.0):
     return {k: a[k] + scale * b[k] for k in a}
 
 
-def ref_dsgd(matrix, steps, order):
-    """D-SGD; ``matrix`` is W, or a function of the step for a time-varying graph."""
+def ref_dsgd(matrix, steps, order, every=1):
+    """D-SGD; ``matrix`` is W, or a function of the gossip round for a time-varying graph; with
+    ``every = H`` only steps H-1, 2H-1, ... gossip (round t // H), the others are local SGD steps."""
     matrix_at = matrix if callable(matrix) else (lambda t: matrix)
     xs = workers(PARAMS0)
     for t in range(steps):
         grads = [np_grad(x, BATCHES[i]) for i, x in enumerate(xs)]
-        if order == "adapt_then_combine":
-            xs = mix_np(matrix_at(t), [add(x, g, -LR) for x, g in zip(xs, grads)])
+        if (t + 1) % every:
+            xs = [add(x, g, -LR) for x, g in zip(xs, grads)]
+        elif order == "adapt_then_combine":
+            xs = mix_np(matrix_at(t // every), [add(x, g, -LR) for x, g in zip(xs, grads)])
         else:
-            xs = [add(m, g, -LR) for m, g in zip(mix_np(matrix_at(t), xs), grads)]
+            xs = [add(m, g, -LR) for m, g in zip(mix_np(matrix_at(t // every), xs), grads)]
     return stack(xs)
 
 
@@ -215,6 +218,20 @@ def test_time_varying_dsgd_matches_float64_reference_with_one_exchange_per_step(
     schedule = dec.one_peer_exponential(N)
     assert_trees_close(params, ref_dsgd(schedule.matrix, steps, "adapt_then_combine"), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(optdist.bytes_sent(state), steps * PARAM_BYTES)  # one peer per step
+
+
+@pytest.mark.parametrize("topology", ["ring", "one_peer_exponential"])
+def test_local_steps_between_gossip_rounds_match_the_reference(topology):
+    """gossip_every=3: two local SGD steps, then a gossip step; a time-varying graph advances per round."""
+    steps, every = 8, 3  # gossip at steps 2 and 5
+    tx = optax.chain(
+        optax.sgd(LR), optdist.gossip(topology, "data", order="combine_then_adapt", gossip_every=every)
+    )
+    params, state = run(tx, steps)
+    matrix = dec.ring(N).matrix() if topology == "ring" else dec.one_peer_exponential(N).matrix
+    assert_trees_close(params, ref_dsgd(matrix, steps, "combine_then_adapt", every), rtol=1e-5, atol=1e-5)
+    terms = 2 if topology == "ring" else 1
+    np.testing.assert_array_equal(optdist.bytes_sent(state), 2 * terms * PARAM_BYTES)  # two rounds only
 
 
 def test_time_varying_round_is_a_real_branch_in_every_mode():
