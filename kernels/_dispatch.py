@@ -67,7 +67,7 @@ def _compiles(func: Callable, keywords: tuple, specs: tuple, backend: str) -> bo
 def dispatch(name: str, impl: str, pallas_fn: functools.partial, xla_fn: Callable, *args: Any) -> Any:
     """Runs ``pallas_fn(*args, interpret=...)`` or ``xla_fn(*args)`` according to ``impl`` (module doc).
 
-    ``pallas_fn`` is a ``functools.partial`` of a module-level function with hashable keyword
+    ``pallas_fn`` is a module-level function, or a ``functools.partial`` of one with hashable keyword
     arguments, so the compile check of ``"auto"`` is cached per (function, keywords, shapes, backend).
     """
     check_impl(impl)
@@ -79,8 +79,10 @@ def dispatch(name: str, impl: str, pallas_fn: functools.partial, xla_fn: Callabl
     if backend not in AUTO_BACKENDS.get(name, ()):
         return xla_fn(*args)
     specs = tuple(jax.tree_util.tree_map(_spec, a) for a in args)
-    keywords = tuple(sorted(pallas_fn.keywords.items()))
-    if _compiles(pallas_fn.func, keywords, specs, backend):
+    func, keywords = pallas_fn, {}
+    if isinstance(pallas_fn, functools.partial):
+        func, keywords = pallas_fn.func, pallas_fn.keywords
+    if _compiles(func, tuple(sorted(keywords.items())), specs, backend):
         return pallas_fn(*args, interpret=False)
     return xla_fn(*args)
 

@@ -32,8 +32,6 @@ shapes); ``r`` is padded to a power of two inside the small factors.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -275,7 +273,7 @@ def ef_project(
     return _dispatch.dispatch(
         "powersgd_ef_project",
         impl,
-        functools.partial(_ef_project_pallas),
+        _ef_project_pallas,
         _ef_project_xla,
         g,
         e,
@@ -303,7 +301,7 @@ def decode_residual(
     return _dispatch.dispatch(
         "powersgd_decode_residual",
         impl,
-        functools.partial(_decode_residual_pallas),
+        _decode_residual_pallas,
         _decode_residual_xla,
         m,
         p,
@@ -330,7 +328,7 @@ def gram_schmidt(p: jax.Array, *, impl: str = "auto") -> jax.Array:
     return _dispatch.dispatch(
         "powersgd_gram_schmidt",
         impl,
-        functools.partial(_gram_schmidt_pallas),
+        _gram_schmidt_pallas,
         _gram_schmidt_xla,
         p,
     )
