@@ -1,17 +1,20 @@
 """Exact per-worker byte accounting for the collectives a transform issues.
 
-Cost model (bytes one worker *sends*), for a payload of ``E`` elements of
-``s`` bytes each over ``n`` workers:
+Cost model (bytes one worker *sends*), per array of ``E`` elements of ``s`` bytes over ``n``
+workers, each array of a collective counted on its own (as it appears in the compiled program:
+``lax.psum`` of a tree lowers to one all-reduce operand per array; transforms that want one
+buffer pack it themselves with :func:`optdist.comm.packing.packed`):
 
-* all-reduce (``psum``/``pmean``), ring algorithm on the buffer padded to
-  ``n`` equal chunks: ``2 (n - 1) ceil(E / n) s``; this is ``2 (n-1)/n B``
-  when ``n`` divides ``E``, and never under-counts otherwise;
+* all-reduce (``psum``/``pmean``/``pmax``), ring algorithm on the array padded to ``n`` equal
+  chunks: ``2 (n - 1) ceil(E / n) s``; this is ``2 (n-1)/n B`` when ``n`` divides ``E``, and never
+  under-counts otherwise;
 * all-gather: ``(n - 1) E s`` (each worker forwards every other shard once);
 * reduce-scatter: ``(n - 1) ceil(E / n) s``;
 * ppermute (a permutation in which every worker sends): ``E s``.
 
-Leaves of one collective call are packed per dtype before the formula is
-applied (one buffer per dtype, as a bucketed all-reduce would send them).
+The dtype counted is the dtype the program sends. (XLA:CPU promotes bfloat16 / float16
+all-reduces to float32 in its own passes; the counter reports the half-precision bytes a GPU or
+TPU sends, and the byte audit test maps the promotion back.)
 
 The running total lives in the optimizer state as a :class:`ByteCounter`: two
 ``uint32`` words, so the count is exact up to 2**64 bytes without enabling
@@ -102,35 +105,29 @@ def bytes_sent(state: Any, axis_name: AxisName | str = "all") -> np.ndarray:
     return sum(c.value() for c in counters)
 
 
-def _by_dtype(tree: Any) -> dict[np.dtype, int]:
-    sizes: dict[np.dtype, int] = {}
+def _arrays(tree: Any) -> Iterable[tuple[int, int]]:
+    """(elements, itemsize) of every array in ``tree``; empty arrays send nothing."""
     for leaf in jax.tree_util.tree_leaves(tree):
-        dtype = np.dtype(leaf.dtype)
-        sizes[dtype] = sizes.get(dtype, 0) + int(math.prod(leaf.shape))
-    return sizes
-
-
-def _packed_bytes(tree: Any) -> Iterable[tuple[int, int]]:
-    """(elements, itemsize) per dtype bucket. Sub-byte dtypes are not sent."""
-    for dtype, elems in _by_dtype(tree).items():
-        yield elems, dtype.itemsize
+        elems = int(math.prod(leaf.shape))
+        if elems:
+            yield elems, np.dtype(leaf.dtype).itemsize
 
 
 def all_reduce_bytes(tree: Any, n: int) -> int:
     """Bytes one worker sends in a ring all-reduce of ``tree`` over ``n`` workers."""
-    return sum(2 * (n - 1) * -(-e // n) * s for e, s in _packed_bytes(tree))
+    return sum(2 * (n - 1) * -(-e // n) * s for e, s in _arrays(tree))
 
 
 def reduce_scatter_bytes(tree: Any, n: int) -> int:
     """Bytes one worker sends in a ring reduce-scatter of ``tree``."""
-    return sum((n - 1) * -(-e // n) * s for e, s in _packed_bytes(tree))
+    return sum((n - 1) * -(-e // n) * s for e, s in _arrays(tree))
 
 
 def all_gather_bytes(tree: Any, n: int) -> int:
     """Bytes one worker sends when every worker gathers everyone's ``tree``."""
-    return sum((n - 1) * e * s for e, s in _packed_bytes(tree))
+    return sum((n - 1) * e * s for e, s in _arrays(tree))
 
 
 def payload_bytes(tree: Any) -> int:
     """Bytes of a payload tree (its real dtypes and shapes)."""
-    return sum(e * s for e, s in _packed_bytes(tree))
+    return sum(e * s for e, s in _arrays(tree))

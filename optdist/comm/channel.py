@@ -1,18 +1,27 @@
-"""Collectives over one worker axis that tally the bytes they send.
+"""Collectives over one worker axis that count the bytes they send, by construction.
 
-Every communicating transform talks through a :class:`Channel` built inside
-its ``update``; after the collectives it adds ``channel.nbytes`` to the
-:class:`~optdist.comm.accounting.ByteCounter` in its state. The tally is a
-static Python int computed from the real payload shapes and dtypes during
-tracing, so it costs nothing at run time and cannot drift from the payload.
+Every communicating transform talks through a :class:`Channel` built on the byte counter in its
+state, ``Channel(axis_name, state.bytes_sent)``, and stores ``channel.counter`` back when it is done.
+Each collective adds its bytes to the counter as it is issued, so no method adds bytes by hand. The
+byte figure is a static Python int computed from the real payload shapes and dtypes during tracing:
+it costs one 64-bit add per step at run time and cannot drift from the payload.
 
-With ``axis_name=None`` (one worker) every collective is the identity and
-sends nothing.
+Branches: :meth:`Channel.cond` and :meth:`Channel.switch` run a branch on a sub-channel threaded
+through the branch, so a collective inside a branch is counted only when that branch runs (on a
+sync step of an outer loop, a Shampoo refresh step...). Underneath they are
+:func:`~optdist.comm.branching.worker_cond` / :func:`~optdist.comm.branching.worker_switch`, real
+branches under simulated workers too.
+
+Cost model (:mod:`optdist.comm.accounting`): each array of a collective is counted on its own with
+the ring formulas, as it appears in the compiled program (``tests/comm/test_byte_audit.py`` checks
+the counter against the collectives in the compiled HLO).
+
+With ``axis_name=None`` (one worker) every collective is the identity and sends nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -29,6 +38,8 @@ from optdist.comm.axes import (
     physical_axes,
     worker_index,
 )
+from optdist.comm.branching import worker_switch
+from optdist.comm.packing import ordered_sum
 
 
 def _gather_row_major(tree: Any, axes: tuple[str, ...]) -> Any:
@@ -44,20 +55,6 @@ def _gather_row_major(tree: Any, axes: tuple[str, ...]) -> Any:
         return x.reshape(-1, *x.shape[len(axes) :]) if len(axes) > 1 else x
 
     return jax.tree_util.tree_map(gather, tree)
-
-
-def ordered_sum(stacked: jax.Array, combine: Any = jnp.add) -> jax.Array:
-    """``combine(...combine(stacked[0], stacked[1])..., stacked[n-1])``: the rows of a gathered array in
-    worker order.
-
-    Equal to ``stacked.sum(0)`` (for ``jnp.add``), but one fused elementwise pass instead of
-    XLA:CPU's reduction over the major axis (50x slower for 8 x 525k float32), and the same
-    summation order on every worker, so replicas stay bit-identical.
-    """
-    out = stacked[0]
-    for i in range(1, stacked.shape[0]):
-        out = combine(out, stacked[i])
-    return out
 
 
 # Below this many elements per worker XLA:CPU's reduction over the stacked axis is as fast (measured
@@ -132,21 +129,37 @@ def _permute(tree: Any, axes: tuple[str, ...], perm: list[tuple[int, int]]) -> A
 
 
 class Channel:
-    """Collectives over ``axis_name`` with an exact per-worker byte tally.
+    """Collectives over ``axis_name`` that add their per-worker bytes to a :class:`ByteCounter`.
+
+    Args:
+      axis_name: the worker axis (str or tuple), or None for one worker.
+      counter: the :class:`~optdist.comm.accounting.ByteCounter` to add to (usually the one in the
+        transform's state); None starts a fresh one.
 
     Attributes:
       axis_name: the logical axis as the transform was given it.
       size: number of workers ``n`` (static).
-      nbytes: bytes this worker has sent through this channel (static int).
-      num_collectives: number of collective calls issued (for HLO checks).
+      nbytes: bytes issued through this channel object outside branches (static int; a
+        branch's bytes live in the counter only, since they depend on which branch ran).
+      num_collectives: collective calls issued outside branches (for HLO checks).
     """
 
-    def __init__(self, axis_name: AxisName):
+    def __init__(self, axis_name: AxisName, counter: accounting.ByteCounter | None = None):
         self.axis_name = axis_name
         self._axes = physical_axes(axis_name)
         self.size = num_workers(axis_name)
+        self._counter = accounting.ByteCounter.zeros(axis_name) if counter is None else counter
+        self._pending = 0
         self.nbytes = 0
         self.num_collectives = 0
+
+    @property
+    def counter(self) -> accounting.ByteCounter:
+        """The byte counter with every collective issued so far added."""
+        if self._pending:
+            self._counter = self._counter.add(self._pending)
+            self._pending = 0
+        return self._counter
 
     @property
     def index(self) -> jax.Array:
@@ -156,6 +169,7 @@ class Channel:
     def _issue(self, fn, tree, nbytes: int):
         if not self._axes:
             return tree
+        self._pending += nbytes
         self.nbytes += nbytes
         self.num_collectives += 1
         try:
@@ -169,7 +183,7 @@ class Channel:
 
     def pmean(self, tree: Any) -> Any:
         """Mean over workers (ring all-reduce)."""
-        total = self._issue(lambda t, axes: _reduce(t, axes, jnp.add, lax.psum), tree, self._ring_bytes(tree))
+        total = self.psum(tree)
         return jax.tree_util.tree_map(lambda x: x / jnp.asarray(self.size, x.dtype), total)
 
     def pmax(self, tree: Any) -> Any:
@@ -201,3 +215,29 @@ class Channel:
                 f"perm must send from and to every one of the {self.size} workers exactly once; got {perm}."
             )
         return self._issue(lambda t, axes: _permute(t, axes, perm), tree, accounting.payload_bytes(tree))
+
+    def switch(self, index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -> Any:
+        """``branches[index](channel, *operands)``, counting only the bytes of the branch that runs.
+
+        Each branch gets a sub-channel on this channel's counter as its first argument; the
+        counter leaves the branch as an output, so a worker's count is that of its own branch
+        (:func:`~optdist.comm.branching.worker_switch`: a real branch under simulated workers).
+        """
+
+        def counted(branch):
+            def run(counter, *ops):
+                sub = Channel(self.axis_name, counter)
+                out = branch(sub, *ops)
+                return out, sub.counter
+
+            return run
+
+        out, self._counter = worker_switch(index, [counted(b) for b in branches], self.counter, *operands)
+        return out
+
+    def cond(
+        self, pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], *operands: Any
+    ) -> Any:
+        """``true_fn(channel, *operands)`` where ``pred`` holds, else ``false_fn(channel, *operands)``;
+        bytes counted only for the branch that runs (see :meth:`switch`)."""
+        return self.switch(jnp.asarray(pred, bool).astype(jnp.int32), (false_fn, true_fn), *operands)
