@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import operator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_same_structure(updates: Any, other: Any, other_name: str) -> None:
@@ -59,3 +62,46 @@ def in_range(value: Any, name: str, low: float, high: float, *, low_open=False, 
         rb = ")" if high_open else "]"
         raise ValueError(f"{name} must be in {lb}{low}, {high}{rb}; got {value!r}.")
     return v
+
+
+class LeafSelection(NamedTuple):
+    """Some leaves of trees of one structure, by position: :meth:`pick` them out as a list, :meth:`put`
+    a list back in their place."""
+
+    treedef: Any
+    indices: tuple[int, ...]
+
+    def pick(self, tree: Any) -> list:
+        leaves = self.treedef.flatten_up_to(tree)
+        return [leaves[i] for i in self.indices]
+
+    def put(self, tree: Any, values: list) -> Any:
+        leaves = list(self.treedef.flatten_up_to(tree))
+        for i, value in zip(self.indices, values):
+            leaves[i] = value
+        return self.treedef.unflatten(leaves)
+
+
+def nonempty_leaves(tree: Any) -> LeafSelection:
+    """The leaves of ``tree`` with at least one element (a transform passes the others through)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return LeafSelection(treedef, tuple(i for i, leaf in enumerate(leaves) if math.prod(jnp.shape(leaf))))
+
+
+def worker_index_in_range(worker: Any, num_workers: int, name: str = "worker") -> int:
+    """``worker`` as an index into ``num_workers`` workers, negative ones counted from the end (as
+    Python sequences do); an IndexError naming the valid range otherwise (JAX would clamp it)."""
+    try:
+        if isinstance(worker, (bool, np.bool_)):
+            raise TypeError
+        worker = operator.index(worker)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an integer worker index; got {worker!r} ({type(worker).__name__})."
+        ) from None
+    if not -num_workers <= worker < num_workers:
+        raise IndexError(
+            f"{name}={worker} is out of range for {num_workers} workers: pass an index in "
+            f"[0, {num_workers - 1}] (or [-{num_workers}, -1] counting from the end)."
+        )
+    return worker % num_workers

@@ -52,6 +52,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from optdist import _checks
 from optdist.comm.axes import AxisName, axis_aliases, simulated_axes, validate_axis_name
 
 InAxes = int | None | Sequence[int | None]
@@ -67,12 +68,26 @@ def replicate(tree: Any, num_workers: int) -> Any:
 
 
 def unreplicate(tree: Any, worker: int = 0) -> Any:
-    """One worker's slice of a stacked tree (gathered onto one device if sharded)."""
+    """One worker's slice of a stacked tree (gathered onto one device if sharded).
+
+    ``worker`` is an index into the leading worker axis of size ``W``: ``0 <= worker < W``, or
+    ``-W <= worker < 0`` counting from the end. Anything else raises (an IndexError naming the valid
+    range, a TypeError for a non-integer) where JAX indexing would silently clamp.
+    """
+    if isinstance(worker, bool) or not hasattr(worker, "__index__"):
+        _checks.worker_index_in_range(worker, 1)  # raises the TypeError
 
     def take(x):
+        if jnp.ndim(x) == 0:
+            raise ValueError(
+                "unreplicate needs a stacked tree (every leaf with a leading worker axis, as built by "
+                "optdist.replicate or returned by simulate / data_parallel); got a leaf of shape "
+                f"{jnp.shape(x)}."
+            )
+        w = _checks.worker_index_in_range(worker, jnp.shape(x)[0])
         if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-            return jnp.asarray(np.asarray(x)[worker])
-        return x[worker]
+            return jnp.asarray(np.asarray(x)[w])
+        return x[w]
 
     return jax.tree_util.tree_map(take, tree)
 

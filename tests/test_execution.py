@@ -45,9 +45,12 @@ def test_hierarchical_two_axis_chain_on_4x2_mesh():
     # mean over ici then dcn is the mean over all 8 workers.
     assert_trees_close(sim[0], flat[0], rtol=1e-5, atol=1e-6)
     assert_trees_close(dp[0], flat[0], rtol=1e-5, atol=1e-6)
-    elems = 18
-    np.testing.assert_array_equal(optdist.bytes_sent(sim[1], "ici"), [2 * 1 * 9 * 4] * 8)
-    np.testing.assert_array_equal(optdist.bytes_sent(dp[1], "dcn"), [2 * 3 * -(-elems // 4) * 4] * 8)
+    # Ring all-reduce counted per array (w: 15 floats, b: 3), each padded to n equal chunks:
+    # 2 (n - 1) ceil(E / n) * 4 bytes. (Counted as one 18-float buffer, ici was 2 * 1 * 9 * 4 = 72.)
+    ring = lambda n: 2 * (n - 1) * (-(-15 // n) + -(-3 // n)) * 4
+    assert ring(2) == 2 * 1 * (8 + 2) * 4 and ring(4) == 2 * 3 * (4 + 1) * 4
+    np.testing.assert_array_equal(optdist.bytes_sent(sim[1], "ici"), [ring(2)] * 8)
+    np.testing.assert_array_equal(optdist.bytes_sent(dp[1], "dcn"), [ring(4)] * 8)
 
 
 def test_shard_batch_rejects_indivisible_batch():

@@ -91,15 +91,24 @@ def bytes_sent(state: Any, axis_name: AxisName | str = "all") -> np.ndarray:
       state: an optimizer state (or any tree holding :class:`ByteCounter`s),
         stacked over workers or not.
       axis_name: ``"all"`` sums every counter; otherwise only counters whose
-        axis equals ``axis_name`` (e.g. ``"dcn"`` in a hierarchical chain).
+        axis equals ``axis_name`` (e.g. ``"dcn"`` in a hierarchical chain). An axis no
+        counter in the state names raises a ValueError listing the axes there are (a
+        misspelt axis would otherwise read as 0 bytes).
 
     Returns:
       An int64 array: a scalar for one worker's state, or shape ``[num_workers]``
-      for a state carrying a leading worker axis.
+      for a state carrying a leading worker axis (0 for a state without counters).
     """
     counters = _counters(state)
     if axis_name != "all":
-        counters = [c for c in counters if c.axis == axis_name]
+        matching = [c for c in counters if c.axis == axis_name]
+        if counters and not matching:
+            axes = sorted({repr(c.axis) for c in counters})
+            raise ValueError(
+                f"bytes_sent: no byte counter in this state is for axis_name={axis_name!r}; its counters "
+                f"are for {', '.join(axes)}. Pass one of those, or 'all' for the total."
+            )
+        counters = matching
     if not counters:
         return np.zeros((), np.int64)
     return sum(c.value() for c in counters)

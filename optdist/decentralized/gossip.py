@@ -31,6 +31,16 @@ Bytes per worker per step: the payload (parameter bytes, or the compressor's enc
 the number of distinct neighbour terms (ring: 2, torus: 4, exponential: ``⌈log₂ n⌉``). Each send packs
 the small leaves into one buffer per dtype (large ones go as they are), so a step issues one
 ``ppermute`` per term and dtype plus one per large leaf, however many small leaves the model has.
+Every collective goes through a :class:`~optdist.comm.Channel` on the state's byte counter, so the
+count is the payload's by construction; a gossip round that does not run (``gossip_every``, the
+other rounds of a time-varying graph) sends and counts nothing.
+
+Precision: exact gossip sends each floating leaf in the parameters' dtype (a bfloat16 model sends
+bfloat16: 2 bytes per value) and mixes in float32; the rounding of the point sent stays local
+(:math:`x_i \leftarrow (v_i - \tilde v_i) + \sum_j W_{ij} \tilde v_j` with :math:`\tilde v` the
+value sent), so the workers' mean is preserved as in full precision, and with float32 parameters
+this is exactly :math:`W v`. CHOCO sends the compressor's payload (its documented dtypes). Leaves
+with no elements are passed through untouched (zero update, nothing sent).
 
 Non-finite policy: a NaN in one worker's parameters reaches its neighbours, then everyone; wrap the
 chain in :func:`optdist.skip_nonfinite`.
@@ -55,9 +65,9 @@ import optax
 from optdist import _checks
 from optdist.comm.accounting import ByteCounter
 from optdist.comm.axes import AxisName, num_workers, validate_axis_name
-from optdist.comm.branching import worker_cond, worker_switch
 from optdist.comm.channel import Channel
-from optdist.compression.base import Codec, Compressor, compute_dtype, packed
+from optdist.comm.packing import compute_dtype, packed
+from optdist.compression.base import Codec, Compressor
 from optdist.decentralized import topology as topo
 
 _ORDERS = ("adapt_then_combine", "combine_then_adapt")
@@ -114,46 +124,53 @@ def send(tree: Any, perm: tuple[int, ...], channel: Channel) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _wide(tree: Any) -> Any:
+    """Every leaf in the dtype arithmetic runs in (float32 for half precision)."""
+    return jax.tree_util.tree_map(lambda x: x.astype(compute_dtype(x.dtype)), tree)
+
+
+def wire_dtype(dtype: Any) -> Any:
+    """The dtype a value of a leaf of ``dtype`` is sent in: the leaf's own if floating (a bfloat16
+    model sends bfloat16), else the arithmetic dtype."""
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else compute_dtype(dtype)
+
+
 def mix(tree: Any, graph: topo.Topology, channel: Channel) -> Any:
-    """``(W x)_i = self_weight x_i + Σ_k w_k x_{source_k(i)}``: one packed send of ``tree`` per term."""
-    total = jax.tree_util.tree_map(lambda x: jnp.asarray(graph.self_weight, x.dtype) * x, tree)
+    """``(W x)_i = self_weight x_i + Σ_k w_k x_{source_k(i)}``: one packed send of ``tree`` per term.
+
+    ``tree`` is sent in its own dtypes; the sum is formed in :func:`compute_dtype` (float32 for
+    half precision), which is what it returns.
+    """
+    total = jax.tree_util.tree_map(lambda x: jnp.asarray(graph.self_weight, x.dtype) * x, _wide(tree))
     for weight, perm in zip(graph.weights, graph.perms):
-        total = _scale_add(total, weight, send(tree, perm, channel))
+        total = _scale_add(total, weight, _wide(send(tree, perm, channel)))
     return total
 
 
-def mix_on_schedule(
-    tree: Any,
-    graphs: tuple[topo.Topology, ...],
-    step: jax.Array,
-    axis_name: AxisName,
-    bytes_sent: ByteCounter,
-) -> tuple[Any, ByteCounter]:
-    """:func:`mix` on ``graphs[step % len(graphs)]``, and the byte counter after it.
+def mix_on_schedule(tree: Any, graphs: tuple[topo.Topology, ...], step: jax.Array, channel: Channel) -> Any:
+    """:func:`mix` on ``graphs[step % len(graphs)]``.
 
-    A time-varying graph picks its round with :func:`~optdist.comm.branching.worker_switch` (a real
-    branch, also under simulated workers), and each round's bytes are counted only when it runs.
+    A time-varying graph picks its round with :meth:`Channel.switch` (a real branch, also under
+    simulated workers), so each round's bytes are counted only when it runs.
     """
     if len(graphs) == 1:
-        channel = Channel(axis_name)
-        mixed = mix(tree, graphs[0], channel)
-        return mixed, bytes_sent.add(channel.nbytes)
-    sent = {}
+        return mix(tree, graphs[0], channel)
+    rounds = [lambda ch, x, graph=graph: mix(x, graph, ch) for graph in graphs]
+    return channel.switch(step % len(graphs), rounds, tree)
 
-    def round_fn(k):
-        def run(x):
-            channel = Channel(axis_name)
-            out = mix(x, graphs[k], channel)
-            sent[k] = channel.nbytes  # set (not added) on every trace of the branch
-            return out
 
-        return run
+def mix_keeping_residual(
+    point: Any, like: Any, graphs: tuple[topo.Topology, ...], step: jax.Array, channel: Channel
+) -> Any:
+    """``(v - ṽ) + W ṽ``: ``v`` = ``point`` (in :func:`compute_dtype`), ``ṽ`` = ``v`` rounded to
+    :func:`wire_dtype` of ``like``'s leaves (what is sent; :func:`mix_on_schedule`).
 
-    which = step % len(graphs)
-    mixed = worker_switch(which, [round_fn(k) for k in range(len(graphs))], tree)
-    for k, nbytes in sent.items():
-        bytes_sent = bytes_sent.add(nbytes, where=which == k)
-    return mixed, bytes_sent
+    The rounding error stays with its worker, so the mean over workers is kept as in full
+    precision. Where nothing is rounded (float32 parameters) this is ``W v`` bit for bit.
+    """
+    sent = jax.tree_util.tree_map(lambda v, p: v.astype(wire_dtype(p.dtype)), point, like)
+    mixed = mix_on_schedule(sent, graphs, step, channel)
+    return jax.tree_util.tree_map(lambda v, s, m: (v - s.astype(v.dtype)) + m, point, sent, mixed)
 
 
 def mix_compressed(q: Any, codec: Codec, key: jax.Array, graph: topo.Topology, channel: Channel) -> tuple:
@@ -265,18 +282,22 @@ def gossip(
             )
         _checks.check_same_structure(updates, params, "params")
         graphs = topo.resolve(topology, num_workers(axis_name))
-        wide = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(compute_dtype(x.dtype)), tree)
-        x, u = wide(params), wide(updates)
+        channel = Channel(axis_name, state.bytes_sent)
+        # Leaves without elements are passed through: nothing to mix or send.
+        live = _checks.nonempty_leaves(params)
+        params_l, updates_l = live.pick(params), live.pick(updates)
+        x, u = _wide(params_l), _wide(updates_l)
         adapted = jax.tree_util.tree_map(jnp.add, x, u)
         point = adapted if order == "adapt_then_combine" else x
         gossip_round = state.count // gossip_every
+        public = live.pick(state.public) if compressor is not None else ()
+        neighbour_sum = live.pick(state.neighbour_sum) if compressor is not None else ()
 
-        def communicate(point, public, neighbour_sum, bytes_sent):
+        def communicate(channel, point, public, neighbour_sum):
             if compressor is None:
-                new_x, bytes_sent = mix_on_schedule(point, graphs, gossip_round, axis_name, bytes_sent)
-                return new_x, public, neighbour_sum, bytes_sent
+                new_x = mix_keeping_residual(point, params_l, graphs, gossip_round, channel)
+                return new_x, public, neighbour_sum
             (graph,) = graphs
-            channel = Channel(axis_name)
             key = jax.random.fold_in(base_key, state.count)
             change = jax.tree_util.tree_map(jnp.subtract, point, public)
             q, mixed_q = mix_compressed(change, compressor.codec, key, graph, channel)
@@ -285,19 +306,25 @@ def gossip(
             new_x = jax.tree_util.tree_map(
                 lambda v, s, h: v + consensus_step_size * (s - h), point, neighbour_sum, public
             )
-            return new_x, public, neighbour_sum, bytes_sent.add(channel.nbytes)
+            return new_x, public, neighbour_sum
 
-        operands = (point, state.public, state.neighbour_sum, state.bytes_sent)
+        operands = (point, public, neighbour_sum)
         if gossip_every == 1:
-            new_x, public, neighbour_sum, bytes_sent = communicate(*operands)
-        else:  # local steps in between: the gossip round is a real branch (worker_cond)
+            new_x, public, neighbour_sum = communicate(channel, *operands)
+        else:  # local steps in between: the gossip round is a real branch, counted only when it runs
             due = (state.count + 1) % gossip_every == 0
-            new_x, public, neighbour_sum, bytes_sent = worker_cond(
-                due, communicate, lambda *ops: ops, *operands
-            )
+            new_x, public, neighbour_sum = channel.cond(due, communicate, lambda ch, *ops: ops, *operands)
         if order == "combine_then_adapt":
             new_x = jax.tree_util.tree_map(jnp.add, new_x, u)
-        out = jax.tree_util.tree_map(lambda n, p0, p: (n - p0).astype(p.dtype), new_x, x, params)
-        return out, GossipState(state.count + 1, public, neighbour_sum, bytes_sent)
+        out = jax.tree_util.tree_map(lambda n, p0, p: (n - p0).astype(p.dtype), new_x, x, params_l)
+        out = live.put(jax.tree_util.tree_map(jnp.zeros_like, params), out)
+        if compressor is not None:
+            public, neighbour_sum = (
+                live.put(state.public, public),
+                live.put(state.neighbour_sum, neighbour_sum),
+            )
+        else:
+            public, neighbour_sum = state.public, state.neighbour_sum
+        return out, GossipState(state.count + 1, public, neighbour_sum, channel.counter)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -23,8 +23,12 @@ constant step size both converge linearly to the exact optimum on strongly conve
 plain D-SGD stalls at a bias.
 
 State (per worker): the tracker ``y_i`` and the previous gradient ``g_i^{t-1}``, two parameter-sized
-buffers, plus the byte counter. Bytes per worker per step: the tracker's bytes once per neighbour
-term of the topology (on top of the parameters' gossip).
+buffers (float32 for half-precision gradients), plus the byte counter. Bytes per worker per step: the
+tracker once per neighbour term of the topology (on top of the parameters' gossip), sent in the
+gradients' dtype (a bfloat16 model sends bfloat16); as in :func:`optdist.gossip` the rounding of
+what is sent stays local (``y_i ← (y_i - ỹ_i) + Σ_j W_ij ỹ_j + g_i^t - g_i^{t-1}``), so
+``mean_i y_i = mean_i g_i`` is kept as in full precision, and with float32 gradients this is the
+rule above bit for bit. Leaves with no elements pass through untouched (nothing is sent).
 
 References:
   Nedić, Olshevsky, Shi, "Achieving Geometric Convergence for Distributed Optimization over
@@ -43,9 +47,10 @@ import optax
 from optdist import _checks
 from optdist.comm.accounting import ByteCounter
 from optdist.comm.axes import AxisName, num_workers, validate_axis_name
-from optdist.compression.base import compute_dtype
+from optdist.comm.channel import Channel
+from optdist.comm.packing import compute_dtype
 from optdist.decentralized import topology as topo
-from optdist.decentralized.gossip import mix_on_schedule
+from optdist.decentralized.gossip import mix_keeping_residual
 
 
 class GradientTrackingState(NamedTuple):
@@ -86,12 +91,15 @@ def gradient_tracking(
         _checks.check_same_structure(updates, state.tracker, "the tracker in the state")
         _checks.check_floating(updates, "gradient_tracking")
         graphs = topo.resolve(topology, num_workers(axis_name))
-        g = jax.tree_util.tree_map(lambda x: x.astype(compute_dtype(x.dtype)), updates)
-        mixed, bytes_sent = mix_on_schedule(state.tracker, graphs, state.count, axis_name, state.bytes_sent)
-        tracker = jax.tree_util.tree_map(
-            lambda m, new, old: m + (new - old), mixed, g, state.previous_gradient
-        )
-        out = jax.tree_util.tree_map(lambda y, u: y.astype(u.dtype), tracker, updates)
-        return out, GradientTrackingState(state.count + 1, tracker, g, bytes_sent)
+        channel = Channel(axis_name, state.bytes_sent)
+        live = _checks.nonempty_leaves(updates)  # leaves without elements: nothing to track or send
+        grads = live.pick(updates)
+        g = [x.astype(compute_dtype(x.dtype)) for x in grads]
+        previous = live.pick(state.previous_gradient)
+        mixed = mix_keeping_residual(live.pick(state.tracker), grads, graphs, state.count, channel)
+        tracker = jax.tree_util.tree_map(lambda m, new, old: m + (new - old), mixed, g, previous)
+        out = live.put(updates, [y.astype(u.dtype) for y, u in zip(tracker, grads)])
+        tracker, g = live.put(state.tracker, tracker), live.put(state.previous_gradient, g)
+        return out, GradientTrackingState(state.count + 1, tracker, g, channel.counter)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

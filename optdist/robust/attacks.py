@@ -36,6 +36,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from optdist import _checks
+from optdist.comm.accounting import ByteCounter
 from optdist.comm.axes import AxisName, num_workers, validate_axis_name, worker_index
 from optdist.comm.channel import Channel
 
@@ -174,13 +175,23 @@ class ByzantineState(NamedTuple):
 
 
 def _static_mask(num_byzantine: int | None, mask: Sequence[bool] | None, n: int) -> np.ndarray:
+    """The Byzantine workers as ``[n]`` bools, checked once ``n`` is known (at trace time): at least
+    one worker must stay honest (with every worker Byzantine there is no honest update to attack,
+    to simulate an omniscient attacker from, or for a robust aggregator to recover)."""
     if mask is not None:
         arr = np.asarray(mask, dtype=bool)
         if arr.shape != (n,):
             raise ValueError(f"mask must have one entry per worker (n={n}); got shape {arr.shape}.")
+        if arr.all():
+            raise ValueError(f"mask marks all n={n} workers Byzantine; leave at least one honest worker.")
         return arr
     if num_byzantine > n:
         raise ValueError(f"num_byzantine={num_byzantine} exceeds the number of workers n={n}.")
+    if num_byzantine == n:
+        raise ValueError(
+            f"num_byzantine={num_byzantine} makes all n={n} workers Byzantine; it must leave at least one "
+            f"honest worker (0 <= num_byzantine <= {n - 1})."
+        )
     return np.arange(n) < num_byzantine
 
 
@@ -212,8 +223,8 @@ def byzantine(
     Args:
       attack: an :class:`Attack` (``sign_flip()``, ``alie()``, ...).
       num_byzantine: ``f``: workers ``0..f-1`` are Byzantine (default when
-        ``mask`` is None).
-      mask: alternatively, one bool per worker (static), True = Byzantine.
+        ``mask`` is None); ``0 <= f < n``, checked at trace time when ``n`` is known.
+      mask: alternatively, one bool per worker (static), True = Byzantine; at least one False.
       axis_name: worker axis (str or tuple of str), or None for one worker.
       seed: seed of the attack's randomness.
 
@@ -246,11 +257,14 @@ def byzantine(
         n = num_workers(axis_name)
         bad = _static_mask(num_byzantine, mask, n)
         f = int(bad.sum())
-        if attack.needs_honest and f == n:
-            raise ValueError(f"num_byzantine must leave at least one honest worker for this attack (n={n}).")
         flat, unravel = ravel_pytree(updates)
         idx = worker_index(axis_name)
-        gathered = Channel(axis_name).all_gather(flat) if attack.needs_honest else None
+        gathered = None
+        if attack.needs_honest:
+            # The omniscient attacker's view of every update is a simulation device, not traffic of the
+            # method under test: gather on a channel with a throwaway counter, discarded right here.
+            omniscient = Channel(axis_name, ByteCounter.zeros(axis_name))
+            gathered = omniscient.all_gather(flat)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), state.count), idx)
         ctx = AttackContext(flat, gathered, jnp.asarray(~bad), key, n, f)
         malicious = attack.apply(ctx).astype(flat.dtype)

@@ -99,7 +99,7 @@ def monna_sgd(
         theta, unravel = ravel_pytree(params)
         momentum = beta * state.momentum + (1.0 - beta) * g.astype(state.momentum.dtype)
         half = theta - learning_rate * momentum.astype(theta.dtype)
-        channel = Channel(axis_name)
+        channel = Channel(axis_name, state.bytes_sent)
         models = channel.all_gather(half)
         n = models.shape[0]
         geo.check_f("monna_sgd", f, n, min_n=2 * f + 1, limit="n > 2f")
@@ -108,6 +108,6 @@ def monna_sgd(
         nearest = lax.top_k(-dist, n - f)[1]
         weights = jnp.sum(jax.nn.one_hot(nearest, n, dtype=models0.dtype), axis=0) / (n - f)
         new = geo.row_mean(models0, weights).astype(theta.dtype)
-        return unravel(new - theta), MonnaState(momentum, state.bytes_sent.add(channel.nbytes))
+        return unravel(new - theta), MonnaState(momentum, channel.counter)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -15,7 +15,7 @@ from optdist import _checks
 from optdist.comm.accounting import ByteCounter
 from optdist.comm.axes import AxisName, validate_axis_name
 from optdist.comm.channel import Channel
-from optdist.compression.base import compute_dtype
+from optdist.comm.packing import compute_dtype
 
 PAYLOADS = ("int8", "float32")
 _LEVELS = 127  # int8 codes in [-127, 127]; -128 is reserved for a non-finite projection
@@ -205,7 +205,7 @@ def seeded_spsa(
             _checks.check_same_structure(updates, params, "params")
         _checks.check_floating(params, "seeded_spsa")
 
-        channel = Channel(axis_name)
+        channel = Channel(axis_name, state.bytes_sent)
         num_leaves = len(jax.tree_util.tree_leaves(params))
         step_key = jax.random.fold_in(jax.random.key(seed), state.count)
 
@@ -237,6 +237,6 @@ def seeded_spsa(
         zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), compute_dtype(p.dtype)), params)
         acc = lax.fori_loop(0, total, accumulate, zeros)
         grads = jax.tree_util.tree_map(lambda a, p: (a / total).astype(p.dtype), acc, params)
-        return grads, SeededSPSAState(state.count + 1, state.bytes_sent.add(channel.nbytes))
+        return grads, SeededSPSAState(state.count + 1, channel.counter)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
