@@ -17,19 +17,23 @@ from optdist.comm.axes import (
     validate_axis_name,
     worker_index,
 )
+from optdist.comm.aggregation import AggregationState, Aggregator, as_transform, exact_mean
 from optdist.comm.channel import Channel
-from optdist.comm.mean import MeanGradientsState, mean_gradients
+from optdist.comm.mean import mean_gradients
 
 __all__ = [
+    "AggregationState",
+    "Aggregator",
     "AxisName",
     "ByteCounter",
     "Channel",
-    "MeanGradientsState",
     "UnboundAxisError",
     "all_gather_bytes",
     "all_reduce_bytes",
+    "as_transform",
     "axis_aliases",
     "bytes_sent",
+    "exact_mean",
     "mean_gradients",
     "num_workers",
     "payload_bytes",

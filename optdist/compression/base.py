@@ -9,8 +9,9 @@ and returns an :class:`Aggregate`:
   subtracts it to form the residual; for PowerSGD it is the *globally*
   decoded value, as in the paper);
 * ``state``: the compressor's new state (documented per compressor as shared
-  or per worker);
-* ``bytes_sent``: the byte counter after every collective it issued.
+  or per worker).
+
+Every collective goes through the :class:`~optdist.comm.Channel` it is given, which counts the bytes.
 
 Two builders cover the element-wise compressors, so protocol code is written
 once:
@@ -48,8 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optdist.comm.accounting import ByteCounter, payload_bytes
-from optdist.comm.channel import Channel, ordered_sum
+from optdist.comm.accounting import payload_bytes
+from optdist.comm.channel import Channel
+from optdist.comm.packing import compute_dtype, ordered_sum, packed
 
 
 class Aggregate(NamedTuple):
@@ -58,7 +60,6 @@ class Aggregate(NamedTuple):
     mean: Any
     local: Any
     state: Any
-    bytes_sent: ByteCounter
 
 
 class Codec(NamedTuple):
@@ -82,13 +83,13 @@ class Compressor(NamedTuple):
 
     Attributes:
       init: ``init(params) -> state``.
-      aggregate: ``aggregate(x, state, key, step, bytes_sent, axis_name) -> Aggregate``.
+      aggregate: ``aggregate(x, state, key, step, channel) -> Aggregate``.
         ``key`` is identical on every worker (seed + step); compressors that need
         per-worker randomness fold in the worker index themselves. ``step`` is the
         step count (int32 scalar).
       name: a short human-readable name, e.g. ``"top_k(0.01)"``.
       aggregate_ef: optional fused error-feedback path,
-        ``aggregate_ef(x, error, state, key, step, bytes_sent, axis_name) -> (Aggregate, new_error)``:
+        ``aggregate_ef(x, error, state, key, step, channel) -> (Aggregate, new_error)``:
         it aggregates ``p = x + error`` exactly as ``aggregate(p)`` would and returns the new residual
         ``p - C_i(p)`` computed in the same pass (``Aggregate.local`` is None there). None: error
         feedback adds, aggregates and subtracts in separate steps.
@@ -100,11 +101,6 @@ class Compressor(NamedTuple):
     name: str
     aggregate_ef: Callable[..., tuple[Aggregate, Any]] | None = None
     codec: Codec | None = None
-
-
-def compute_dtype(dtype: Any) -> np.dtype:
-    """Low-precision gradients are compressed in float32 (at least)."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def smallest_int(max_abs: int, signed: bool = True) -> np.dtype:
@@ -160,32 +156,6 @@ def _encoded_nbytes(encode: Callable, leaf: Any, *extra_specs: Any, shaped: bool
     spec = jax.ShapeDtypeStruct(shape, compute_dtype(leaf.dtype))
     out = jax.eval_shape(encode, spec, jax.random.key(0), *extra_specs)
     return payload_bytes(out[0] if extra_specs and isinstance(out, tuple) else out)
-
-
-def packed(collective: Callable[[Any], Any], tree: Any, *, gathered: bool = False) -> Any:
-    """Runs ``collective`` once on ``tree`` packed into one flat buffer per dtype.
-
-    ``lax.psum`` of a list lowers to one collective per array; packing first
-    makes a step issue one collective per dtype however many leaves there are
-    (the byte count is the same: the accounting packs per dtype too).
-    ``gathered=True`` for an all-gather (outputs gain a leading worker axis).
-    """
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    if not leaves:
-        return tree
-    groups: dict[np.dtype, list[int]] = {}
-    for i, leaf in enumerate(leaves):
-        groups.setdefault(np.dtype(leaf.dtype), []).append(i)
-    buffers = collective([jnp.concatenate([leaves[i].reshape(-1) for i in idx]) for idx in groups.values()])
-    out: list[Any] = [None] * len(leaves)
-    for buffer, idx in zip(buffers, groups.values()):
-        offset = 0
-        for i in idx:
-            size, shape = leaves[i].size, leaves[i].shape
-            part = buffer[..., offset : offset + size]
-            out[i] = part.reshape((buffer.shape[0], *shape) if gathered else shape)
-            offset += size
-    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def flatten_floating(x: Any, who: str) -> tuple[list[jax.Array], Any]:
@@ -263,10 +233,9 @@ def summable(
             if is_compressible(leaf, _encoded_nbytes(encode, leaf, _SCALAR), min_compression_rate)
         ]
 
-    def aggregate(x, state, key, step, bytes_sent, axis_name):
+    def aggregate(x, state, key, step, channel):
         del step
         leaves, treedef = flatten_floating(x, name)
-        channel = Channel(axis_name)
         keys = leaf_keys(key, len(leaves))
         compressed = plan(leaves)
         plain = [i for i in range(len(leaves)) if i not in compressed]
@@ -284,7 +253,7 @@ def summable(
         for j, i in enumerate(plain):
             mean_leaves[i] = plain_sum[j] / jnp.asarray(n, plain_sum[j].dtype)
         unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)
-        return Aggregate(unflat(mean_leaves), unflat(local_leaves), state, bytes_sent.add(channel.nbytes))
+        return Aggregate(unflat(mean_leaves), unflat(local_leaves), state)
 
     codec = None
     if prepare is None:  # a shared scale needs a collective first: no point-to-point form
@@ -349,10 +318,9 @@ def gathered(
         chosen = set(plan(leaves))
         return tuple(init_leaf(view(leaf)) if i in chosen else None for i, leaf in enumerate(leaves))
 
-    def aggregate(x, state, key, step, bytes_sent, axis_name):
+    def aggregate(x, state, key, step, channel):
         del step
         leaves, treedef = flatten_floating(x, name)
-        channel = Channel(axis_name)
         keys = [private_key(k, channel) for k in leaf_keys(key, len(leaves))]
         compressed = plan(leaves)
         new_state = list(state) if stateful else state
@@ -371,7 +339,7 @@ def gathered(
         if stateful:
             new_state = tuple(new_state)
         unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)
-        return Aggregate(unflat(mean_leaves), unflat(local_leaves), new_state, bytes_sent.add(channel.nbytes))
+        return Aggregate(unflat(mean_leaves), unflat(local_leaves), new_state)
 
     codec = None
     if not stateful:
@@ -458,9 +426,8 @@ def gathered_ef(
             residuals.append(e_new)
         return leaves, treedef, compressed, payloads, residuals
 
-    def aggregate(x, state, key, step, bytes_sent, axis_name):
+    def aggregate(x, state, key, step, channel):
         del step
-        channel = Channel(axis_name)
         leaves, treedef, compressed, payloads, _ = encode_all(x, None, key, channel)
         mean_leaves = _exchange(leaves, compressed, payloads, channel, mean_of)
         local_leaves = list(leaves)
@@ -468,11 +435,10 @@ def gathered_ef(
             zeros = jnp.zeros((leaves[i].size,), jnp.float32)
             local_leaves[i] = restore(leaves[i], decode_accumulate(payloads[j], zeros))
         unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)
-        return Aggregate(unflat(mean_leaves), unflat(local_leaves), state, bytes_sent.add(channel.nbytes))
+        return Aggregate(unflat(mean_leaves), unflat(local_leaves), state)
 
-    def aggregate_ef(x, error, state, key, step, bytes_sent, axis_name):
+    def aggregate_ef(x, error, state, key, step, channel):
         del step
-        channel = Channel(axis_name)
         leaves, treedef, compressed, payloads, residuals = encode_all(x, error, key, channel)
         error_leaves = jax.tree_util.tree_leaves(error)
         # Uncompressed leaves are sent exactly: their p = x + e is averaged and the residual is 0.
@@ -484,7 +450,7 @@ def gathered_ef(
         for j, i in enumerate(compressed):
             new_error[i] = restore(error_leaves[i], residuals[j])
         unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)
-        agg = Aggregate(unflat(mean_leaves), None, state, bytes_sent.add(channel.nbytes))
+        agg = Aggregate(unflat(mean_leaves), None, state)
         return agg, unflat(new_error)
 
     codec = leafwise_codec(

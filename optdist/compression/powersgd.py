@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from optdist import _checks
-from optdist.comm.branching import worker_cond
-from optdist.comm.channel import Channel
-from optdist.compression.base import Aggregate, Compressor, compute_dtype, flatten_floating, packed
+from optdist.comm.packing import compute_dtype, packed
+from optdist.compression.base import Aggregate, Compressor, flatten_floating
 
 _ORTHOGONALIZATIONS = ("auto", "qr", "gram_schmidt")
 _LAYOUTS = ("channels_last", "channels_first")
@@ -253,10 +252,10 @@ def powersgd(
         key = jax.random.key(seed)
         return PowerSGDState(tuple(_random_q(key, g, group) for g, group in enumerate(groups)))
 
-    def protocol(x, error, state, key, step, bytes_sent, axis_name):
+    def protocol(x, error, state, key, step, channel):
         """The two-all-reduce protocol on ``x`` (``error=None``) or on ``x + error`` (fused EF).
 
-        Returns ``(mean, second, q, bytes_sent)`` as leaf lists: ``second`` is the ``local`` decoded
+        Returns ``(mean, second, state)`` (trees): ``second`` is the ``local`` decoded
         value of :class:`Aggregate` without ``error``, the new residual with it.
         """
         leaves, treedef = flatten_floating(x, "powersgd")
@@ -265,10 +264,8 @@ def powersgd(
         # The leaves sent exactly: x, or p = x + e (their new residual is 0).
         sent_exactly = list(leaves) if errors is None else [x_ + e for x_, e in zip(leaves, errors)]
         zero_error = None if errors is None else [jnp.zeros_like(e) for e in errors]
-        sent = {}
 
-        def compressed():
-            channel = Channel(axis_name)
+        def compressed(channel):
             qs = state.q if warm_start else [_random_q(key, j, g) for j, g in enumerate(groups)]
             ms, ps = [], []
             for g, q in zip(groups, qs):
@@ -297,30 +294,24 @@ def powersgd(
                         second[i] = residual[b].reshape(errors[i].shape).astype(errors[i].dtype)
             for i, mean in zip(plain, plain_means):
                 out[i] = mean
-            sent["compressed"] = channel.nbytes
             return out, second, tuple(qs) if warm_start else ()
 
-        def exact():
-            channel = Channel(axis_name)
+        def exact(channel):
             out = packed(channel.pmean, sent_exactly)
-            sent["exact"] = channel.nbytes
             return out, list(leaves) if errors is None else list(zero_error), tuple(state.q)
 
         if start_step == 0 or not groups:
-            out, second, q = compressed()
-            bytes_sent = bytes_sent.add(sent["compressed"])
+            out, second, q = compressed(channel)
         else:
-            on = step >= start_step
-            out, second, q = worker_cond(on, compressed, exact)
-            bytes_sent = bytes_sent.add(sent["compressed"], where=on).add(sent["exact"], where=~on)
+            out, second, q = channel.cond(step >= start_step, compressed, exact)
         unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)
-        return unflat(out), unflat(second), PowerSGDState(q), bytes_sent
+        return unflat(out), unflat(second), PowerSGDState(q)
 
-    def aggregate(x, state, key, step, bytes_sent, axis_name):
-        return Aggregate(*protocol(x, None, state, key, step, bytes_sent, axis_name))
+    def aggregate(x, state, key, step, channel):
+        return Aggregate(*protocol(x, None, state, key, step, channel))
 
-    def aggregate_ef(x, error, state, key, step, bytes_sent, axis_name):
-        mean, new_error, new_state, bytes_sent = protocol(x, error, state, key, step, bytes_sent, axis_name)
-        return Aggregate(mean, None, new_state, bytes_sent), new_error
+    def aggregate_ef(x, error, state, key, step, channel):
+        mean, new_error, new_state = protocol(x, error, state, key, step, channel)
+        return Aggregate(mean, None, new_state), new_error
 
     return Compressor(init, aggregate, f"powersgd({rank})", aggregate_ef)

@@ -9,15 +9,16 @@ import jax.numpy as jnp
 import optax
 
 from optdist import _checks
-from optdist.comm.accounting import ByteCounter
-from optdist.comm.axes import AxisName, validate_axis_name
+from optdist.comm.aggregation import Aggregator, as_transform
+from optdist.comm.axes import AxisName
 from optdist.compression.base import Compressor
 
 FEEDBACKS = (None, "ef", "ef21", "econtrol")
 
 
 class CompressedMeanState(NamedTuple):
-    """State of :func:`compressed_mean`.
+    """State of the :func:`compressed` aggregator (inside :func:`compressed_mean`'s
+    :class:`~optdist.comm.AggregationState`).
 
     Attributes:
       count: steps taken (identical on every worker; drives the shared keys).
@@ -25,7 +26,6 @@ class CompressedMeanState(NamedTuple):
       error: EF / EControl residual ``e_i`` (**per worker**), or None.
       local_h: EF21 / EControl ``h_i`` (**per worker**), or None.
       shared_h: EF21 / EControl ``h = mean_i h_i`` (identical on every worker), or None.
-      bytes_sent: bytes this worker sent (identical on every worker).
     """
 
     count: jax.Array
@@ -33,7 +33,6 @@ class CompressedMeanState(NamedTuple):
     error: Any
     local_h: Any
     shared_h: Any
-    bytes_sent: ByteCounter
 
 
 def _tree_add(*trees):
@@ -137,18 +136,77 @@ def compressed_mean(
       Gao, Islamov, Stich, "EControl: Fast Distributed Optimization with Compression and Error
       Control", ICLR 2024.
     """
+    return as_transform(
+        compressed(compressor, feedback, econtrol_eta=econtrol_eta, seed=seed),
+        axis_name,
+        check=lambda updates: _checks.check_floating(updates, f"compressed_mean({compressor.name})"),
+    )
+
+
+def _validate(compressor: Any, feedback: Any, econtrol_eta: Any, seed: Any) -> float:
     if not isinstance(compressor, Compressor):
         raise TypeError(f"compressor must be an optdist.compression.Compressor; got {compressor!r}.")
-    axis_name = validate_axis_name(axis_name)
     if feedback not in FEEDBACKS:
         raise ValueError(f"feedback must be one of {FEEDBACKS}; got {feedback!r}.")
-    econtrol_eta = _checks.in_range(econtrol_eta, "econtrol_eta", 0.0, 1.0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int; got {seed!r}.")
+    return _checks.in_range(econtrol_eta, "econtrol_eta", 0.0, 1.0)
+
+
+def _feedback_step(compressor, feedback, eta, updates, state, key, channel):
+    """One step of the feedback rule: ``(output, aggregate, error, local_h, shared_h)``."""
+
+    def aggregate(x):
+        return compressor.aggregate(x, state.compressor, key, state.count, channel)
+
+    error, local_h, shared_h = state.error, state.local_h, state.shared_h
+    if feedback is None:
+        agg = aggregate(updates)
+        return agg.mean, agg, error, local_h, shared_h
+    if feedback == "ef" and compressor.aggregate_ef is not None:
+        # Fused path: the compressor encodes g + e and writes the new residual in one pass.
+        agg, error = compressor.aggregate_ef(updates, error, state.compressor, key, state.count, channel)
+        return agg.mean, agg, error, local_h, shared_h
+    if feedback == "ef":
+        p = _tree_add(updates, error)
+        agg = aggregate(p)
+        return agg.mean, agg, _tree_sub(p, agg.local), local_h, shared_h
+    drift = _tree_sub(updates, local_h)  # g_i - h_i
+    x = drift if feedback == "ef21" else _tree_add(drift, jax.tree_util.tree_map(lambda e: eta * e, error))
+    agg = aggregate(x)
+    if feedback == "econtrol":
+        error = _tree_add(error, _tree_sub(drift, agg.local))
+    local_h = _tree_add(local_h, agg.local)
+    shared_h = _tree_add(shared_h, agg.mean)
+    return shared_h, agg, error, local_h, shared_h
+
+
+def compressed(
+    compressor: Compressor, feedback: str | None = None, *, econtrol_eta: float = 0.1, seed: int = 0
+) -> Aggregator:
+    r"""The :class:`~optdist.comm.Aggregator` of a compressor with optional error feedback.
+
+    The rules (``None``, ``"ef"``, ``"ef21"``, ``"econtrol"``), state placement, randomness, bytes and
+    non-finite policy are those of :func:`compressed_mean`, which is this aggregator run as a gradient
+    transformation. The same aggregator serves the per-step gradient and an outer loop's per-round
+    pseudo-gradient (``optdist.diloco(..., aggregator=compressed(top_k(0.01), "ef"))``).
+
+    Args:
+      compressor: a :class:`optdist.compression.Compressor`.
+      feedback: None, ``"ef"``, ``"ef21"`` or ``"econtrol"``.
+      econtrol_eta: EControl's feedback strength :math:`\eta` in ``[0, 1]``.
+      seed: seed of the shared per-step keys.
+
+    Returns:
+      An :class:`~optdist.comm.Aggregator` whose state is a :class:`CompressedMeanState`. It does not
+      take participation weights (a non-participant's residual and the shared ``h`` need a rule of
+      their own, not implemented yet): it raises if given them.
+    """
+    eta = _validate(compressor, feedback, econtrol_eta, seed)
     has_error = feedback in ("ef", "econtrol")
     has_h = feedback in ("ef21", "econtrol")
 
-    def init_fn(params):
+    def init(params):
         zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, params)
         return CompressedMeanState(
             count=jnp.zeros((), jnp.int32),
@@ -156,53 +214,24 @@ def compressed_mean(
             error=zeros() if has_error else None,
             local_h=zeros() if has_h else None,
             shared_h=zeros() if has_h else None,
-            bytes_sent=ByteCounter.zeros(axis_name),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        _checks.check_same_structure(updates, params, "params")
-        _checks.check_floating(updates, f"compressed_mean({compressor.name})")
+    def aggregate(updates, state, channel, *, weights=None):
+        if weights is not None:
+            raise ValueError(
+                f"compressed({compressor.name}) does not take participation weights yet; use the exact "
+                "mean or a robust aggregator with partial participation."
+            )
+        _checks.check_same_structure(updates, state.error if has_error else state.local_h, "the state")
         key = jax.random.fold_in(jax.random.key(seed), state.count)
-
-        def aggregate(x):
-            return compressor.aggregate(x, state.compressor, key, state.count, state.bytes_sent, axis_name)
-
-        error, local_h, shared_h = state.error, state.local_h, state.shared_h
-        if feedback is None:
-            agg = aggregate(updates)
-            out = agg.mean
-        elif feedback == "ef" and compressor.aggregate_ef is not None:
-            # Fused path: the compressor encodes g + e and writes the new residual in one pass.
-            agg, error = compressor.aggregate_ef(
-                updates, error, state.compressor, key, state.count, state.bytes_sent, axis_name
-            )
-            out = agg.mean
-        elif feedback == "ef":
-            p = _tree_add(updates, error)
-            agg = aggregate(p)
-            error = _tree_sub(p, agg.local)
-            out = agg.mean
-        else:
-            drift = _tree_sub(updates, local_h)  # g_i - h_i
-            x = (
-                drift
-                if feedback == "ef21"
-                else _tree_add(drift, jax.tree_util.tree_map(lambda e: econtrol_eta * e, error))
-            )
-            agg = aggregate(x)
-            if feedback == "econtrol":
-                error = _tree_add(error, _tree_sub(drift, agg.local))
-            local_h = _tree_add(local_h, agg.local)
-            shared_h = _tree_add(shared_h, agg.mean)
-            out = shared_h
-        ok = _all_finite(agg.mean)
+        out, agg, error, local_h, shared_h = _feedback_step(
+            compressor, feedback, eta, updates, state, key, channel
+        )
         guarded = _guard(
             (state.compressor, state.error, state.local_h, state.shared_h),
             (agg.state, error, local_h, shared_h),
-            ok,
+            _all_finite(agg.mean),
         )
-        new_state = CompressedMeanState(state.count + 1, *guarded, agg.bytes_sent)
-        return out, new_state
+        return out, CompressedMeanState(state.count + 1, *guarded)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return Aggregator(init, aggregate, f"compressed({compressor.name}, {feedback})")

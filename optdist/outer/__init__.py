@@ -7,13 +7,12 @@ from optdist.outer.diloco import diloco
 from optdist.outer.fedopt import ScaleByFedOptState, fedadagrad, fedadam, fedavg, fedyogi, scale_by_fedopt
 from optdist.outer.local_adaptive import RoundScalingState, local_adaptive, scale_by_round_scaling
 from optdist.outer.local_sgd import local_sgd
-from optdist.outer.outer_loop import Aggregator, OuterLoopState, SyncHook, mean_aggregator, outer_loop
+from optdist.outer.outer_loop import OuterLoopState, SyncHook, outer_loop
 from optdist.outer.scaffold import ScaffoldState, scaffold, scaffold_correction
 from optdist.outer.schedules import qsr_sync_every
 from optdist.outer.streaming_diloco import StreamingDiLoCoState, streaming_diloco
 
 __all__ = [
-    "Aggregator",
     "AsyncLocalSGDState",
     "DelayedNesterovState",
     "OuterLoopState",
@@ -32,7 +31,6 @@ __all__ = [
     "fedyogi",
     "local_adaptive",
     "local_sgd",
-    "mean_aggregator",
     "outer_loop",
     "qsr_sync_every",
     "scaffold",

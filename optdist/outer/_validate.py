@@ -31,3 +31,12 @@ def forwarded(kwargs: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(nested, dict):
         raise TypeError(f"kwargs must be a dict of outer_loop options; got {nested!r}.")
     return {**nested, **kwargs}
+
+
+def transformation(value: Any, name: str) -> Any:
+    """An optax gradient transformation (anything with ``init`` and ``update``), else a TypeError."""
+    if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+        raise TypeError(
+            f"{name} must be an optax.GradientTransformation (e.g. optax.adamw(1e-3)); got {value!r}."
+        )
+    return value

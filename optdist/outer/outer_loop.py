@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,45 +39,14 @@ import numpy as np
 import optax
 
 from optdist import _checks
+from optdist.aggregation import Aggregator, as_aggregator
 from optdist.comm.accounting import ByteCounter
 from optdist.comm.axes import AxisName, validate_axis_name
-from optdist.comm.branching import worker_cond
 from optdist.comm.channel import Channel
+from optdist.outer import _validate
 
 SyncEvery = int | Callable[[jax.Array], jax.Array]
 _MAX_PERIOD = 2**30  # an 'infinite' H (e.g. QSR at lr = 0) is clipped here
-
-
-class Aggregator(Protocol):
-    """Turns every worker's pseudo-gradient into one (identical) estimate of their mean.
-
-    Called inside ``update`` on the sync step as ``aggregator(deltas, channel)``,
-    or, with partial participation, ``aggregator(deltas, channel, weights=w)``
-    where ``w`` is this worker's float32 weight (1 participant, 0 not); it
-    must then average over participants only. All communication goes through
-    ``channel`` so its bytes are counted. Robust aggregators and stateless
-    compressed means plug in through this slot. A *stateful* aggregation (a
-    compressor with an error-feedback residual, PowerSGD's warm-started ``Q``)
-    is passed to :func:`outer_loop` as a communicating optax transform instead.
-    """
-
-    def __call__(self, deltas: Any, channel: Channel, *, weights: jax.Array | None = None) -> Any: ...
-
-
-def mean_aggregator(deltas: Any, channel: Channel, *, weights: jax.Array | None = None) -> Any:
-    r"""The exact mean of the pseudo-gradients (the default aggregator).
-
-    Without weights: one ``pmean`` (ring all-reduce of the parameter bytes).
-    With weights ``w_i``: ``Σ w_i Δ_i / max(Σ w_i, 1)`` — one ``psum`` of the
-    weighted tree and the weight packed together (parameter bytes plus one
-    float32 element per all-reduce bucket). An all-zero weight gives zeros.
-    """
-    if weights is None:
-        return channel.pmean(deltas)
-    weighted = jax.tree_util.tree_map(lambda d: d * weights.astype(d.dtype), deltas)
-    total, count = channel.psum((weighted, weights.astype(jnp.float32)))
-    count = jnp.maximum(count, 1.0)
-    return jax.tree_util.tree_map(lambda t: (t / count.astype(t.dtype)).astype(t.dtype), total)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +81,8 @@ class OuterLoopState(NamedTuple):
       outer_state: the outer optimizer's state (identical).
       inner_state: the inner optimizer's state (**per worker**).
       bytes_sent: bytes this worker has sent (identical).
-      aggregator_state: the state of a transform aggregator (e.g. a per-worker
-        error-feedback residual), ``()`` for a function aggregator.
+      aggregator_state: the aggregator's state (e.g. a per-worker error-feedback residual;
+        ``()`` for the exact mean), updated on sync steps only.
     """
 
     count: jax.Array
@@ -125,7 +94,7 @@ class OuterLoopState(NamedTuple):
     outer_state: Any
     inner_state: Any
     bytes_sent: ByteCounter
-    aggregator_state: Any = ()
+    aggregator_state: Any
 
 
 def _validate_sync_every(sync_every: Any) -> SyncEvery:
@@ -195,12 +164,21 @@ def _participates(
     return jnp.any(order[:sample] == channel.index)
 
 
+def _hooked(hook: SyncHook, inner_state, deltas, round_steps, flag, count, ok, channel: Channel):
+    """The inner state after ``hook``'s exchange (one ``psum`` of the participants' payloads)."""
+    mine = hook.payload(inner_state, deltas, round_steps)
+    mine_w = jax.tree_util.tree_map(lambda x: x * flag.astype(x.dtype), mine)
+    total = channel.psum(mine_w)
+    hooked = hook.apply(inner_state, mine, total, count, channel.size, flag, round_steps)
+    return jax.tree_util.tree_map(lambda new, old: jnp.where(ok, new, old), hooked, inner_state)
+
+
 def outer_loop(
     inner: optax.GradientTransformation,
     outer: optax.GradientTransformation,
     sync_every: SyncEvery,
     axis_name: AxisName,
-    aggregator: Aggregator | None = None,
+    aggregator: Aggregator | Any = None,
     reset_inner_state: bool = False,
     *,
     participation: Sequence[Sequence[bool]] | np.ndarray | None = None,
@@ -261,15 +239,13 @@ def outer_loop(
       sync_every: ``H >= 1`` (int) or a schedule ``step -> H`` (traced
         step; values below 1 are clipped to 1 at run time).
       axis_name: the worker axis, or None for one worker.
-      aggregator: ``(deltas, channel[, weights=]) -> mean estimate``; default
-        :func:`mean_aggregator`. Or a communicating optax transform that maps
-        per-worker trees to their aggregate on ``axis_name`` (e.g.
-        ``optdist.compressed_mean(optdist.compressors.top_k(0.01), "data",
-        feedback="ef")``, ``optdist.powersgd(4, "data")``, ``optdist.robust_mean(...)``):
-        it gets the pseudo-gradients ``Δ_i`` (params: the anchor) on sync steps only,
-        its state lives in ``aggregator_state`` (updated at syncs only) and its bytes
-        in its own counters (all read by :func:`optdist.bytes_sent`). Not combinable
-        with partial participation.
+      aggregator: any :class:`optdist.aggregation.Aggregator` (default: the exact mean),
+        e.g. ``optdist.aggregation.compressed(optdist.compressors.top_k(0.01), feedback="ef")``,
+        ``optdist.aggregation.powersgd(4)``, ``optdist.aggregation.robust(aggregators.median())``
+        (a robust rule or a compressor is accepted as is). It gets the pseudo-gradients
+        ``Δ_i`` on sync steps only; its state lives in ``aggregator_state`` (updated at
+        syncs only) and its bytes in this transform's counter. With partial participation
+        it gets each worker's weight; aggregators that cannot take weights raise.
       reset_inner_state: re-initialize the inner state at every sync (DiLoCo
         keeps it: default False).
       participation: fixed participation table, ``[num_workers]`` or
@@ -300,20 +276,9 @@ def outer_loop(
     table, sample = _validate_participation(participation, num_participants)
     if not isinstance(reset_inner_state, bool):
         raise TypeError(f"reset_inner_state must be a bool; got {reset_inner_state!r}.")
-    aggregator = mean_aggregator if aggregator is None else aggregator
-    stateful = isinstance(aggregator, optax.GradientTransformation)
-    if not (stateful or callable(aggregator)):
-        raise TypeError(
-            "aggregator must be callable (deltas, channel) -> mean, or a communicating optax "
-            f"transform (e.g. optdist.compressed_mean(...)); got {aggregator!r}."
-        )
-    if stateful:
-        if table is not None or sample is not None:
-            raise ValueError(
-                "A transform aggregator averages over every worker: it cannot be combined with "
-                "participation / num_participants (use a function aggregator, which gets weights)."
-            )
-        aggregator = optax.with_extra_args_support(aggregator)
+    aggregator = as_aggregator(aggregator, "outer_loop")
+    _validate.transformation(inner, "inner")
+    _validate.transformation(outer, "outer")
     inner = optax.with_extra_args_support(inner)
     outer = optax.with_extra_args_support(outer)
 
@@ -329,7 +294,7 @@ def outer_loop(
             outer_state=outer.init(params),
             inner_state=inner.init(params),
             bytes_sent=ByteCounter.zeros(axis_name),
-            aggregator_state=aggregator.init(params) if stateful else (),
+            aggregator_state=aggregator.init(params),
         )
 
     def update_fn(updates, state, params=None, *, participating=None, **extra_args):
@@ -339,48 +304,30 @@ def outer_loop(
         u, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         local = jax.tree_util.tree_map(lambda p, d: (p + d).astype(p.dtype), params, u)
         is_sync = state.since_sync + 1 >= state.round_length
-        nbytes = []  # the sync branch's byte tally, known once it is traced
 
         # The inner state goes through the gate only if the sync step changes it
         # (under vmap every gated leaf costs a select per step).
         gate_inner = sync_hook is not None or reset_inner_state
 
-        if stateful and participating is not None:
-            raise ValueError(
-                "participating= was passed, but the aggregator is a transform, which averages over "
-                "every worker; use a function aggregator for partial participation."
-            )
-
-        def sync(operands):
+        def sync(channel, operands):
             inner_state, anchor, outer_state, agg_state = operands
-            channel = Channel(axis_name)
             flag = _participates(table, sample, seed, state.rounds, channel)
             if participating is not None:
                 given = jnp.asarray(participating, bool)
                 flag = given if flag is None else jnp.logical_and(flag, given)
             deltas = jax.tree_util.tree_map(lambda a, x: a - x, anchor, local)
             round_steps = state.since_sync + 1
-            if stateful:
-                delta, agg_state = aggregator.update(deltas, agg_state, anchor)
-                count, ok = jnp.asarray(channel.size, jnp.float32), jnp.asarray(True)
-                flag = jnp.asarray(True)
-            elif flag is None:
-                delta = aggregator(deltas, channel)
+            if flag is None:
+                delta, agg_state = aggregator.aggregate(deltas, agg_state, channel)
                 count, ok = jnp.asarray(channel.size, jnp.float32), jnp.asarray(True)
                 flag = jnp.asarray(True)
             else:
                 weight = flag.astype(jnp.float32)
-                delta = aggregator(deltas, channel, weights=weight)
+                delta, agg_state = aggregator.aggregate(deltas, agg_state, channel, weights=weight)
                 count = channel.psum(weight)
                 ok = count > 0
             if sync_hook is not None:
-                mine = sync_hook.payload(inner_state, deltas, round_steps)
-                mine_w = jax.tree_util.tree_map(lambda x: x * flag.astype(x.dtype), mine)
-                total = channel.psum(mine_w)
-                hooked = sync_hook.apply(inner_state, mine, total, count, channel.size, flag, round_steps)
-                inner_state = jax.tree_util.tree_map(
-                    lambda new, old: jnp.where(ok, new, old), hooked, inner_state
-                )
+                inner_state = _hooked(sync_hook, inner_state, deltas, round_steps, flag, count, ok, channel)
             step, new_outer = outer.update(delta, outer_state, anchor)
             new_anchor = optax.apply_updates(anchor, step)
             new_anchor = jax.tree_util.tree_map(lambda n, a: jnp.where(ok, n, a), new_anchor, anchor)
@@ -388,16 +335,17 @@ def outer_loop(
             if reset_inner_state:
                 inner_state = inner.init(new_anchor)
             to_anchor = jax.tree_util.tree_map(lambda a, p: (a - p).astype(p.dtype), new_anchor, params)
-            nbytes.append(channel.nbytes)
             skipped = jnp.logical_not(ok).astype(jnp.int32)
             return to_anchor, inner_state, new_anchor, new_outer, agg_state, skipped
 
-        def local_step(operands):
+        def local_step(channel, operands):
+            del channel
             inner_state, anchor, outer_state, agg_state = operands
             return u, inner_state, anchor, outer_state, agg_state, jnp.zeros((), jnp.int32)
 
+        channel = Channel(axis_name, state.bytes_sent)
         gated_inner = inner_state if gate_inner else None
-        out, gated_inner, anchor, outer_state, agg_state, skipped = worker_cond(
+        out, gated_inner, anchor, outer_state, agg_state, skipped = channel.cond(
             is_sync, sync, local_step, (gated_inner, state.anchor, state.outer_state, state.aggregator_state)
         )
         inner_state = gated_inner if gate_inner else inner_state
@@ -413,7 +361,7 @@ def outer_loop(
             anchor=anchor,
             outer_state=outer_state,
             inner_state=inner_state,
-            bytes_sent=state.bytes_sent.add(nbytes[0] if nbytes else 0, where=is_sync),
+            bytes_sent=channel.counter,
             aggregator_state=agg_state,
         )
         return out, new_state

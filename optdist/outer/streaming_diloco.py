@@ -10,12 +10,11 @@ import numpy as np
 import optax
 
 from optdist import _checks
+from optdist.aggregation import Aggregator, as_aggregator
 from optdist.comm.accounting import ByteCounter
 from optdist.comm.axes import AxisName, validate_axis_name
-from optdist.comm.branching import worker_cond
 from optdist.comm.channel import Channel
 from optdist.outer import _validate
-from optdist.outer.outer_loop import Aggregator, mean_aggregator
 
 
 class StreamingDiLoCoState(NamedTuple):
@@ -28,6 +27,8 @@ class StreamingDiLoCoState(NamedTuple):
       outer_states: one outer Nesterov state per fragment (identical).
       inner_state: the inner AdamW state (**per worker**).
       bytes_sent: bytes this worker has sent (identical).
+      aggregator_states: one aggregator state per fragment (as the aggregator documents: an
+        error-feedback residual is per worker), updated at that fragment's syncs only.
     """
 
     count: jax.Array
@@ -35,6 +36,7 @@ class StreamingDiLoCoState(NamedTuple):
     outer_states: tuple
     inner_state: Any
     bytes_sent: ByteCounter
+    aggregator_states: tuple
 
 
 def _fragments(num_leaves: int, num_fragments: int) -> list[np.ndarray]:
@@ -100,7 +102,8 @@ def streaming_diloco(
       outer_lr, outer_momentum: the outer Nesterov step.
       outer_dtype: dtype of the communicated pseudo-gradient (None: the params' dtype).
       inner_weight_decay: AdamW decoupled weight decay.
-      aggregator: as in :func:`outer_loop` (default: the exact mean).
+      aggregator: any :class:`optdist.aggregation.Aggregator` (default: the exact mean), as in
+        :func:`outer_loop`; each fragment keeps its own aggregator state.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -129,16 +132,13 @@ def streaming_diloco(
     inner_lr = _validate.learning_rate(inner_lr, "inner_lr")
     outer_lr = _validate.learning_rate(outer_lr, "outer_lr")
     outer_momentum = _validate.decay(outer_momentum, "outer_momentum")
-    aggregator = mean_aggregator if aggregator is None else aggregator
-    if isinstance(aggregator, optax.GradientTransformation) or not callable(aggregator):
-        raise TypeError(
-            "streaming_diloco's aggregator must be a function (deltas, channel) -> mean (each fragment "
-            "syncs on its own schedule, so a stateful transform aggregator is not supported); "
-            f"got {aggregator!r}."
-        )
+    aggregator = as_aggregator(aggregator, "streaming_diloco")
     inner = optax.adamw(inner_lr, weight_decay=inner_weight_decay)
     outer = optax.sgd(outer_lr, momentum=outer_momentum, nesterov=True)
     stride = sync_every // num_fragments
+
+    def _cast(x):  # the communicated pseudo-gradient's dtype
+        return x if outer_dtype is None else x.astype(outer_dtype)
 
     def init_fn(params):
         leaves = jax.tree_util.tree_leaves(params)
@@ -149,6 +149,7 @@ def streaming_diloco(
             outer_states=tuple(outer.init([leaves[j] for j in g]) for g in groups),
             inner_state=inner.init(params),
             bytes_sent=ByteCounter.zeros(axis_name),
+            aggregator_states=tuple(aggregator.init([_cast(leaves[j]) for j in g]) for g in groups),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -163,32 +164,30 @@ def streaming_diloco(
         anchor_leaves = treedef.flatten_up_to(state.anchor)
         groups = _fragments(len(local_leaves), num_fragments)
         t = state.count + 1  # this step, 1-based
-        bytes_sent = state.bytes_sent
-        outer_states = []
+        channel = Channel(axis_name, state.bytes_sent)
+        outer_states, agg_states = [], []
         for p, group in enumerate(groups):
             phase = ((p + 1) * stride) % sync_every
             is_sync = t % sync_every == phase
             frag_local = [local_leaves[j] for j in group]
             frag_anchor = [anchor_leaves[j] for j in group]
-            nbytes = []
 
-            def sync(operands, frag_local=frag_local, nbytes=nbytes):
-                anchor, ostate = operands
-                channel = Channel(axis_name)
-                deltas = [a - x for a, x in zip(anchor, frag_local)]
-                if outer_dtype is not None:
-                    deltas = [d.astype(outer_dtype) for d in deltas]
-                delta = aggregator(deltas, channel)
+            def sync(channel, operands, frag_local=frag_local):
+                anchor, ostate, agg_state = operands
+                deltas = [_cast(a - x) for a, x in zip(anchor, frag_local)]
+                delta, agg_state = aggregator.aggregate(deltas, agg_state, channel)
                 delta = [d.astype(a.dtype) for d, a in zip(delta, anchor)]
                 step, ostate = outer.update(delta, ostate, anchor)
-                nbytes.append(channel.nbytes)
-                return optax.apply_updates(anchor, step), ostate
+                return optax.apply_updates(anchor, step), ostate, agg_state
 
-            new_anchor, ostate = worker_cond(
-                is_sync, sync, lambda ops: ops, (frag_anchor, state.outer_states[p])
+            new_anchor, ostate, agg_state = channel.cond(
+                is_sync,
+                sync,
+                lambda channel, ops: ops,
+                (frag_anchor, state.outer_states[p], state.aggregator_states[p]),
             )
-            bytes_sent = bytes_sent.add(nbytes[0], where=is_sync)
             outer_states.append(ostate)
+            agg_states.append(agg_state)
             # Merge τ steps after this fragment's sync (its anchor is unchanged in between).
             merge = jnp.logical_and(t % sync_every == (phase + delay) % sync_every, t > delay)
             for j, a in zip(group, new_anchor):
@@ -202,7 +201,8 @@ def streaming_diloco(
             anchor=treedef.unflatten(anchor_leaves),
             outer_states=tuple(outer_states),
             inner_state=inner_state,
-            bytes_sent=bytes_sent,
+            bytes_sent=channel.counter,
+            aggregator_states=tuple(agg_states),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,6 +1,6 @@
 r"""Byzantine-robust aggregation rules on a gathered ``[n, d]`` matrix.
 
-Each rule is an :class:`Aggregator`: ``init(d) -> state`` and
+Each rule is an :class:`Rule`: ``init(d) -> state`` and
 ``aggregate(x, state) -> (vector [d], state)`` where ``x`` holds one row per
 worker (the whole flattened update of that worker). They are plain jittable,
 vmappable functions: :func:`optdist.robust_mean` runs them after an
@@ -42,7 +42,7 @@ from optdist.robust import _geometry as geo
 PreAggregation = Callable[[jax.Array], jax.Array]
 
 
-class Aggregator(NamedTuple):
+class Rule(NamedTuple):
     """An aggregation rule: ``init(d) -> state``, ``aggregate(x [n, d], state) -> (v [d], state)``.
 
     The state (e.g. :func:`centered_clip`'s previous estimate) is a function
@@ -53,13 +53,13 @@ class Aggregator(NamedTuple):
     aggregate: Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 
 
-def _stateless(fn: Callable[[jax.Array], jax.Array], name: str) -> Aggregator:
+def _stateless(fn: Callable[[jax.Array], jax.Array], name: str) -> Rule:
     def aggregate(x, state):
         geo.check_matrix(name, x)
         dtype = x.dtype
         return fn(x.astype(geo.compute_dtype(x))).astype(dtype), state
 
-    return Aggregator(lambda d: optax.EmptyState(), aggregate)
+    return Rule(lambda d: optax.EmptyState(), aggregate)
 
 
 def _nonneg_int(value: Any, name: str) -> int:
@@ -68,7 +68,7 @@ def _nonneg_int(value: Any, name: str) -> int:
     return value
 
 
-def with_pre_aggregation(aggregator: Aggregator, pre_aggregation: PreAggregation | None) -> Aggregator:
+def with_pre_aggregation(aggregator: Rule, pre_aggregation: PreAggregation | None) -> Rule:
     """``aggregator`` applied to ``pre_aggregation(x)`` (e.g. NNM then Krum)."""
     if pre_aggregation is None:
         return aggregator
@@ -76,25 +76,25 @@ def with_pre_aggregation(aggregator: Aggregator, pre_aggregation: PreAggregation
     def aggregate(x, state):
         return aggregator.aggregate(pre_aggregation(x), state)
 
-    return Aggregator(aggregator.init, aggregate)
+    return Rule(aggregator.init, aggregate)
 
 
 # --------------------------------------------------------------------------- #
 # Coordinate-wise rules
 
 
-def mean() -> Aggregator:
+def mean() -> Rule:
     r"""The plain mean :math:`\frac1n\sum_i x_i` (not robust: one bad row moves it arbitrarily).
 
     Non-finite policy: NaN/Inf in any row reaches the output.
 
     Returns:
-      An :class:`Aggregator` (stateless).
+      A :class:`Rule` (stateless).
     """
     return _stateless(geo.row_mean, "mean")
 
 
-def median() -> Aggregator:
+def median() -> Rule:
     r"""Coordinate-wise median: :math:`v_k = \operatorname{median}_i x_{ik}` (average of the two
     middle values for even ``n``). Breakdown point 1/2 per coordinate.
 
@@ -106,7 +106,7 @@ def median() -> Aggregator:
     min/max), XLA's sort above.
 
     Returns:
-      An :class:`Aggregator` (stateless).
+      A :class:`Rule` (stateless).
 
     References:
       Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning:
@@ -125,7 +125,7 @@ def _sorted_nan_high(x: jax.Array) -> jax.Array:
     return geo.sort_rows(jnp.where(jnp.isnan(x), jnp.inf, x))
 
 
-def trimmed_mean(f: int) -> Aggregator:
+def trimmed_mean(f: int) -> Rule:
     r"""Coordinate-wise trimmed mean: per coordinate, drop the ``f`` largest and ``f`` smallest
     values and average the remaining ``n - 2f``.
 
@@ -138,7 +138,7 @@ def trimmed_mean(f: int) -> Aggregator:
       f: values trimmed at each end (number of Byzantine workers tolerated).
 
     Returns:
-      An :class:`Aggregator` (stateless).
+      A :class:`Rule` (stateless).
 
     References:
       Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning:
@@ -167,7 +167,7 @@ def _krum_scores(x0: jax.Array, ok: jax.Array, f: int) -> jax.Array:
     return jnp.sum(nearest, axis=1)
 
 
-def multi_krum(f: int, m: int) -> Aggregator:
+def multi_krum(f: int, m: int) -> Rule:
     r"""Multi-Krum: the mean of the ``m`` rows with the lowest Krum score.
 
     .. math:: s_i = \sum_{j \in N_i} \|x_i - x_j\|^2, \quad
@@ -186,7 +186,7 @@ def multi_krum(f: int, m: int) -> Aggregator:
       m: number of selected rows averaged (``m = 1`` is Krum).
 
     Returns:
-      An :class:`Aggregator` (stateless).
+      A :class:`Rule` (stateless).
 
     References:
       Blanchard, El Mhamdi, Guerraoui, Stainer, "Machine Learning with
@@ -209,12 +209,12 @@ def multi_krum(f: int, m: int) -> Aggregator:
     return _stateless(fn, name)
 
 
-def krum(f: int) -> Aggregator:
+def krum(f: int) -> Rule:
     """Krum: the single row with the lowest Krum score (:func:`multi_krum` with ``m=1``)."""
     return multi_krum(f, 1)
 
 
-def geometric_median(eps: float = 1e-8, max_iters: int = 100, tol: float = 1e-6) -> Aggregator:
+def geometric_median(eps: float = 1e-8, max_iters: int = 100, tol: float = 1e-6) -> Rule:
     r"""Geometric median :math:`\arg\min_v \sum_i \|v - x_i\|` by smoothed Weiszfeld iterations.
 
     .. math:: v \leftarrow \frac{\sum_i \beta_i x_i}{\sum_i \beta_i}, \quad
@@ -232,7 +232,7 @@ def geometric_median(eps: float = 1e-8, max_iters: int = 100, tol: float = 1e-6)
       tol: relative objective-decrease tolerance ``>= 0``.
 
     Returns:
-      An :class:`Aggregator` (stateless).
+      A :class:`Rule` (stateless).
 
     References:
       Pillutla, Kakade, Harchaoui, "Robust Aggregation for Federated Learning", 2022.
@@ -289,7 +289,7 @@ def _clip_step(x0: jax.Array, ok: jax.Array, v: jax.Array, tau: float) -> jax.Ar
     return v + geo.row_mean(diff, scale / x0.shape[0])
 
 
-def _clipping(tau: float, iters: int, center: str, name: str) -> Aggregator:
+def _clipping(tau: float, iters: int, center: str, name: str) -> Rule:
     def init(d):
         return ClipState(jnp.zeros((d,), jnp.float32))
 
@@ -302,10 +302,10 @@ def _clipping(tau: float, iters: int, center: str, name: str) -> Aggregator:
         v = lax.fori_loop(0, iters, lambda _, v: _clip_step(x0, ok, v, tau), v)
         return v.astype(dtype), ClipState(v.astype(state.center.dtype))
 
-    return Aggregator(init, aggregate)
+    return Rule(init, aggregate)
 
 
-def centered_clip(tau: float, iters: int = 1) -> Aggregator:
+def centered_clip(tau: float, iters: int = 1) -> Rule:
     r"""Centered clipping, started from the previous aggregate.
 
     .. math:: v_0 = v^{\text{prev}}, \qquad
@@ -326,7 +326,7 @@ def centered_clip(tau: float, iters: int = 1) -> Aggregator:
       iters: clipping iterations ``L >= 1``.
 
     Returns:
-      An :class:`Aggregator` whose state is a :class:`ClipState`.
+      A :class:`Rule` whose state is a :class:`ClipState`.
 
     References:
       Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust
@@ -337,7 +337,7 @@ def centered_clip(tau: float, iters: int = 1) -> Aggregator:
     return _clipping(tau, iters, "previous", "centered_clip")
 
 
-def clipped_mean(tau: float, center: str = "zero") -> Aggregator:
+def clipped_mean(tau: float, center: str = "zero") -> Rule:
     r"""Mean of clipped inputs: one proximal step toward the geometric median.
 
     .. math:: v = c + \frac1n \sum_i \operatorname{clip}_\tau(x_i - c), \qquad
@@ -360,7 +360,7 @@ def clipped_mean(tau: float, center: str = "zero") -> Aggregator:
       center: ``"zero"`` or ``"previous"``.
 
     Returns:
-      An :class:`Aggregator` whose state is a :class:`ClipState`.
+      A :class:`Rule` whose state is a :class:`ClipState`.
 
     References:
       Schaipp, Garrigos, Simsekli, Gower, "SGD with Clipping is Secretly
@@ -416,7 +416,7 @@ def nnm(f: int) -> PreAggregation:
     return mix
 
 
-def monna(f: int) -> Aggregator:
+def monna(f: int) -> Rule:
     r"""MoNNA's aggregation as a server rule: NNM(f) followed by the trimmed mean(f).
 
     Our reading of "Robust Collaborative Learning with Linear Gradient
@@ -437,7 +437,7 @@ def monna(f: int) -> Aggregator:
       f: number of Byzantine workers tolerated.
 
     Returns:
-      An :class:`Aggregator` (stateless).
+      A :class:`Rule` (stateless).
 
     References:
       Farhadkhani, Guerraoui, Gupta, Hoang, Pinot, Stephan, "Robust
@@ -493,8 +493,8 @@ def _flag_direction_weights(g: jax.Array, ok: jax.Array, rank: int, iters: int, 
     return c @ (c.T @ jnp.sum(g, axis=1)) / n
 
 
-def flag(rank: int = 1, iters: int = 4, lam: float = 0.0, eps: float = 1e-7) -> Aggregator:
-    r"""Flag Aggregator: a robust subspace of the unit-normalized inputs by IRLS.
+def flag(rank: int = 1, iters: int = 4, lam: float = 0.0, eps: float = 1e-7) -> Rule:
+    r"""Flag Rule: a robust subspace of the unit-normalized inputs by IRLS.
 
     Our reading of the paper (and its public code): normalize
     :math:`u_i = x_i / \|x_i\|`; find an orthonormal :math:`Y \in
@@ -525,10 +525,10 @@ def flag(rank: int = 1, iters: int = 4, lam: float = 0.0, eps: float = 1e-7) -> 
       eps: weight smoothing ``> 0``.
 
     Returns:
-      An :class:`Aggregator` (stateless).
+      A :class:`Rule` (stateless).
 
     References:
-      Almasi, Mishra, Vinzamuri, Shah, Banerjee, "Flag Aggregator: Scalable
+      Almasi, Mishra, Vinzamuri, Shah, Banerjee, "Flag Rule: Scalable
       Distributed Training under Failures and Augmented Losses using Convex
       Optimization", 2023.
     """
@@ -552,7 +552,7 @@ def flag(rank: int = 1, iters: int = 4, lam: float = 0.0, eps: float = 1e-7) -> 
 
 
 __all__ = [
-    "Aggregator",
+    "Rule",
     "ClipState",
     "PreAggregation",
     "centered_clip",

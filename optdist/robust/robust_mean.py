@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import optax
 from jax.flatten_util import ravel_pytree
 
 from optdist import _checks
-from optdist.comm.accounting import ByteCounter
-from optdist.comm.axes import AxisName, validate_axis_name
-from optdist.comm.channel import Channel
-from optdist.robust.aggregators import Aggregator, PreAggregation, with_pre_aggregation
-
-
-class RobustMeanState(NamedTuple):
-    """State of :func:`robust_mean` (identical on every worker).
-
-    Attributes:
-      aggregator: the aggregator's state (e.g. centered clipping's previous estimate).
-      bytes_sent: bytes this worker has sent in the all-gathers.
-    """
-
-    aggregator: Any
-    bytes_sent: ByteCounter
+from optdist.comm.aggregation import Aggregator, as_transform
+from optdist.comm.axes import AxisName
+from optdist.robust.aggregators import PreAggregation, Rule, with_pre_aggregation
 
 
 def robust_mean(
-    aggregator: Aggregator, axis_name: AxisName, pre_aggregation: PreAggregation | None = None
+    aggregator: Rule, axis_name: AxisName, pre_aggregation: PreAggregation | None = None
 ) -> optax.GradientTransformationExtraArgs:
     r"""Replaces each worker's update by a Byzantine-robust aggregate over workers.
 
@@ -47,8 +32,8 @@ def robust_mean(
     worker for ``d`` elements of ``s`` bytes (the dtype ``ravel_pytree``
     produces: the common dtype of the leaves).
 
-    State: the aggregator's state and the byte counter, both identical on all
-    workers. Worker momentum (per-worker state) is a separate transform chained
+    State: an :class:`~optdist.comm.AggregationState` holding the rule's state and the byte counter,
+    both identical on all workers. Worker momentum (per-worker state) is a separate transform chained
     before, e.g. ``optax.ema(0.9, debias=False)``.
 
     Non-finite policy: that of the aggregator (every rule except ``mean``
@@ -56,7 +41,7 @@ def robust_mean(
     tolerance); see :mod:`optdist.robust.aggregators`.
 
     Args:
-      aggregator: an :class:`~optdist.robust.aggregators.Aggregator`, e.g.
+      aggregator: a :class:`~optdist.robust.aggregators.Rule`, e.g.
         ``optdist.aggregators.trimmed_mean(2)``.
       axis_name: worker axis (str or tuple of str), or None for one worker.
       pre_aggregation: optional ``[n, d] -> [n, d]`` map applied first, e.g.
@@ -78,30 +63,41 @@ def robust_mean(
       Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust
       Optimization", 2021 (worker momentum + robust aggregation).
     """
-    axis_name = validate_axis_name(axis_name)
-    if not isinstance(aggregator, Aggregator):
+    return as_transform(
+        robust(aggregator, pre_aggregation),
+        axis_name,
+        check=lambda updates: _checks.check_floating(updates, "robust_mean"),
+    )
+
+
+def robust(rule: Rule, pre_aggregation: PreAggregation | None = None) -> Aggregator:
+    """The :class:`~optdist.comm.Aggregator` of a robust rule: all-gather the flattened trees, apply
+    ``rule`` (after ``pre_aggregation``) on every worker, unravel. See :func:`robust_mean` (this
+    aggregator as a gradient transformation) for the math and the bytes; in an outer loop it makes
+    the sync robust (``optdist.diloco(..., aggregator=robust(aggregators.trimmed_mean(1)))``).
+
+    The state is the rule's (identical on every worker). Participation weights are not taken (a
+    rule's tolerance ``f`` is defined over all ``n`` rows): it raises if given them.
+    """
+    if not isinstance(rule, Rule):
         raise TypeError(
-            f"aggregator must be an optdist.aggregators.Aggregator (e.g. aggregators.median()); "
-            f"got {aggregator!r}."
+            f"aggregator must be an optdist.aggregators.Rule (e.g. aggregators.median()); got {rule!r}."
         )
     if pre_aggregation is not None and not callable(pre_aggregation):
         raise TypeError(f"pre_aggregation must be a function [n, d] -> [n, d]; got {pre_aggregation!r}.")
-    rule = with_pre_aggregation(aggregator, pre_aggregation)
+    full = with_pre_aggregation(rule, pre_aggregation)
 
-    def init_fn(params):
+    def init(params):
         flat, _ = ravel_pytree(params)
-        return RobustMeanState(rule.init(flat.size), ByteCounter.zeros(axis_name))
+        return full.init(flat.size)
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        _checks.check_same_structure(updates, params, "params")
-        _checks.check_floating(updates, "robust_mean")
-        flat, unravel = ravel_pytree(updates)
-        channel = Channel(axis_name)
-        gathered = channel.all_gather(flat)
-        vec, agg_state = rule.aggregate(gathered, state.aggregator)
-        return unravel(vec.astype(flat.dtype)), RobustMeanState(
-            agg_state, state.bytes_sent.add(channel.nbytes)
-        )
+    def aggregate(tree, state, channel, *, weights=None):
+        if weights is not None:
+            raise ValueError(
+                "a robust aggregator does not take participation weights (partial participation)."
+            )
+        flat, unravel = ravel_pytree(tree)
+        vec, state = full.aggregate(channel.all_gather(flat), state)
+        return unravel(vec.astype(flat.dtype)), state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return Aggregator(init, aggregate, "robust")

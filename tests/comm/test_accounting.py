@@ -38,9 +38,9 @@ def test_formulas(n):
     assert ar == expect
     assert accounting.all_gather_bytes(tree, n) == (n - 1) * (30 * 4 + 7 * 2)
     assert accounting.payload_bytes(tree) == 30 * 4 + 7 * 2
-    # Packed per dtype: two float32 leaves are one buffer.
+    # Per array, as the compiled program sends them: two float32 leaves are two operands.
     two = {"a": jnp.zeros((3,)), "b": jnp.zeros((5,))}
-    assert accounting.all_reduce_bytes(two, n) == 2 * (n - 1) * -(-8 // n) * 4
+    assert accounting.all_reduce_bytes(two, n) == 2 * (n - 1) * (-(-3 // n) + -(-5 // n)) * 4
 
 
 def test_bytes_sent_filters_by_axis_and_stacks():

@@ -9,7 +9,7 @@ import pytest
 
 import optdist
 from optdist import compression
-from optdist.comm.accounting import ByteCounter
+from optdist.comm import Channel
 from optdist.compression.demo import dct_matrix
 from optdist.feedback import compressed_mean
 
@@ -18,7 +18,7 @@ def _aggregate(comp, x, key=None, state=None, step=0):
     """One worker (axis None), jitted: returns (mean, local, state, bytes)."""
     key = jax.random.key(0) if key is None else key
     state = comp.init(x) if state is None else state
-    run = lambda x, s, k: comp.aggregate(x, s, k, jnp.int32(step), ByteCounter.zeros(None), None)
+    run = lambda x, s, k: comp.aggregate(x, s, k, jnp.int32(step), Channel(None))
     return jax.jit(run)(x, state, key)
 
 
@@ -99,9 +99,7 @@ def test_threshold_top_k_finds_clear_top_k_without_sorting():
 def test_majority_vote():
     comp = compression.sign(scaled=False)
     x = jnp.array([[1.0, -2, 3, -0.5], [2.0, 1, -1, -1], [-3.0, -1, 2, -2]])
-    step = optdist.simulate(
-        lambda v: comp.aggregate({"v": v}, (), jax.random.key(0), 0, ByteCounter.zeros("data"), "data")[0]
-    )
+    step = optdist.simulate(lambda v: comp.aggregate({"v": v}, (), jax.random.key(0), 0, Channel("data"))[0])
     np.testing.assert_array_equal(step(jnp.tile(x, (1, 8)))["v"][0], jnp.tile(jnp.array([1.0, -1, 1, -1]), 8))
 
 
@@ -212,8 +210,8 @@ def test_structure_shapes_and_dtypes_survive():
 
     @jax.jit
     def run_all(tree, states):
-        key, counter = jax.random.key(0), ByteCounter.zeros(None)
-        return [c.aggregate(tree, s, key, 0, counter, None)[:2] for c, s in zip(comps, states)]
+        key = jax.random.key(0)
+        return [c.aggregate(tree, s, key, 0, Channel(None))[:2] for c, s in zip(comps, states)]
 
     for comp, (mean, local) in zip(comps, run_all(tree, states)):
         for result in (mean, local):

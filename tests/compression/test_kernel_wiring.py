@@ -79,8 +79,10 @@ def _result(case, impl):
 def test_pallas_equals_xla_and_bytes_are_exact(case):
     (out_x, st_x), (out_p, st_p) = _result(case, "xla"), _result(case, "pallas")
     assert_trees_close(out_p, out_x, rtol=1e-6, atol=1e-5)
-    assert_trees_close(st_p.error, st_x.error, rtol=1e-6, atol=1e-5)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves((out_p, st_p.error)))
+    assert_trees_close(st_p.aggregator.error, st_x.aggregator.error, rtol=1e-6, atol=1e-5)
+    assert all(
+        np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves((out_p, st_p.aggregator.error))
+    )
     want = T * ((N - 1) * PAYLOAD[case] + PLAIN)  # all-gather of the payload + the plain mean
     np.testing.assert_array_equal(optdist.bytes_sent(st_x), [want] * N)
     np.testing.assert_array_equal(optdist.bytes_sent(st_p), [want] * N)
@@ -94,13 +96,13 @@ def test_error_feedback_loses_nothing(case):
         sent = np.asarray(outs[k], np.float64)
         assert np.all(sent == sent[:1])  # every worker gets the same mean
         fed = np.asarray(GRADS[k], np.float64).sum(1).mean(0)
-        residual = np.asarray(state.error[k], np.float64).mean(0)
+        residual = np.asarray(state.aggregator.error[k], np.float64).mean(0)
         np.testing.assert_allclose(sent[0].sum(0) + residual, fed, rtol=0, atol=2e-5)
     # Residuals are per worker (different data), and the plain leaf's residual is exactly zero.
-    assert not optdist.is_replicated(state.error)["w"]
-    np.testing.assert_array_equal(state.error["b"], 0.0)
+    assert not optdist.is_replicated(state.aggregator.error)["w"]
+    np.testing.assert_array_equal(state.aggregator.error["b"], 0.0)
     # Compression happened: the residual of "w" is not zero.
-    assert np.abs(np.asarray(state.error["w"])).max() > 1e-3
+    assert np.abs(np.asarray(state.aggregator.error["w"])).max() > 1e-3
 
 
 @pytest.mark.parametrize("case", ["int8-stochastic", "ternary", "threshold_top_k"])
@@ -111,7 +113,7 @@ def test_fused_path_equals_the_generic_error_feedback_path(case):
     generic_out, generic = _run(compressor._replace(aggregate_ef=None))
     fused_out, fused = _result(case, "xla")
     assert_trees_close(fused_out, generic_out, rtol=1e-6, atol=1e-5)
-    assert_trees_close(fused.error, generic.error, rtol=1e-6, atol=1e-5)
+    assert_trees_close(fused.aggregator.error, generic.aggregator.error, rtol=1e-6, atol=1e-5)
     np.testing.assert_array_equal(optdist.bytes_sent(fused), optdist.bytes_sent(generic))
 
 

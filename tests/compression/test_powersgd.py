@@ -7,7 +7,8 @@ import pytest
 
 import optdist
 from optdist import compression
-from optdist.comm.accounting import ByteCounter, all_reduce_bytes
+from optdist.comm import Channel
+from optdist.comm.accounting import all_reduce_bytes
 from optdist.feedback import compressed_mean
 
 
@@ -27,9 +28,9 @@ def test_reproduces_a_rank_r_matrix_exactly(rank, orthogonalization, layout):
     # both are rank <= r.
     tree["t"] = tree["t"].reshape(2, 6, 10) if layout == "channels_last" else tree["t"].reshape(6, 2, 10)
     state = comp.init(tree)
-    run = jax.jit(lambda x, s: comp.aggregate(x, s, jax.random.key(5), 0, ByteCounter.zeros(None), None))
+    run = jax.jit(lambda x, s: comp.aggregate(x, s, jax.random.key(5), 0, Channel(None)))
     for _ in range(2):  # the first step from the random Q, then warm-started
-        mean, local, state, _ = run(tree, state)
+        mean, local, state = run(tree, state)
         for k in tree:
             np.testing.assert_allclose(mean[k], tree[k], rtol=1e-4, atol=1e-4 * float(jnp.abs(tree[k]).max()))
             np.testing.assert_array_equal(local[k], mean[k])  # EF uses the globally decoded value
@@ -43,7 +44,7 @@ def test_error_decreases_monotonically_with_warm_start():
     @jax.jit
     def errors(m):
         def body(state, _):
-            agg = comp.aggregate({"m": m}, state, jax.random.key(0), 0, ByteCounter.zeros(None), None)
+            agg = comp.aggregate({"m": m}, state, jax.random.key(0), 0, Channel(None))
             return agg.state, jnp.linalg.norm(agg.mean["m"] - m)
 
         return jax.lax.scan(body, comp.init({"m": m}), None, length=10)[1]
@@ -57,7 +58,7 @@ def test_error_decreases_monotonically_with_warm_start():
     assert err[-1] <= best * 1.01
     # Without warm start every step starts from a fresh random Q: no improvement over steps.
     cold = compression.powersgd(2, warm_start=False)
-    agg = cold.aggregate({"m": m}, cold.init({"m": m}), jax.random.key(1), 0, ByteCounter.zeros(None), None)
+    agg = cold.aggregate({"m": m}, cold.init({"m": m}), jax.random.key(1), 0, Channel(None))
     assert float(jnp.linalg.norm(agg.mean["m"] - m)) > 1.05 * best
 
 
@@ -85,7 +86,7 @@ def test_matches_float64_numpy_reference_of_the_two_allreduce_protocol_with_ef()
         out, state = step(g, state)
         outs.append(out)
     # Reference (float64): groups {a, b} (12x10, batched) and {c} (10x6); v is averaged exactly.
-    q0 = tx.init(params).compressor.q
+    q0 = tx.init(params).aggregator.compressor.q
     q = {"ab": np.asarray(q0[0], np.float64), "c": np.asarray(q0[1], np.float64)}
     err = [{k: np.zeros((int(np.prod(shapes[k][:-1])), shapes[k][-1])) for k in "abc"} for _ in range(n)]
     for t in range(steps):
@@ -114,7 +115,7 @@ def test_matches_float64_numpy_reference_of_the_two_allreduce_protocol_with_ef()
             outs[t]["v"][0], np.mean(np.asarray(grads[t]["v"], np.float64), 0), rtol=1e-6
         )
     for i in range(n):
-        np.testing.assert_allclose(state.error["a"][i], err[i]["a"], rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(state.aggregator.error["a"][i], err[i]["a"], rtol=1e-3, atol=1e-4)
     # Bytes: per step one all-reduce of [P_ab, P_c, v] and one of [Q_ab, Q_c] over 2 workers.
     p_tree = [
         np.zeros((2, 12, rank), np.float32),

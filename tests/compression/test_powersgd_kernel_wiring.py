@@ -15,7 +15,8 @@ import pytest
 
 import optdist
 from optdist import compressors
-from optdist.comm.accounting import ByteCounter, all_reduce_bytes
+from optdist.comm import Channel
+from optdist.comm.accounting import all_reduce_bytes
 from tests.helpers import assert_trees_close
 
 N, T = 4, 4
@@ -60,7 +61,7 @@ def _run(compressor):
     def worker(g_seq, state):
         def body(s, g):
             out, s = tx.update(g, s, PARAMS)
-            return s, (out, s.error)
+            return s, (out, s.aggregator.error)
 
         state, (outs, errors) = jax.lax.scan(body, state, g_seq)
         return outs, errors, state
@@ -100,7 +101,7 @@ def test_fused_xla_equals_the_unfused_path_and_bytes_are_exact(config):
     ref_outs, ref_errors, ref_state = _result(config, "xla", fused=False)
     assert_trees_close(outs, ref_outs, rtol=1e-6, atol=1e-6)  # NaN where the reference has NaN
     assert_trees_close(errors, ref_errors, rtol=1e-6, atol=1e-6)
-    assert_trees_close(state.compressor, ref_state.compressor, rtol=1e-6, atol=1e-6)
+    assert_trees_close(state.aggregator.compressor, ref_state.aggregator.compressor, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(optdist.bytes_sent(state), optdist.bytes_sent(ref_state))
     np.testing.assert_array_equal(optdist.bytes_sent(state), [_expected_bytes(config)] * N)
     assert _finite((errors, state))  # the NaN never enters a state
@@ -112,7 +113,7 @@ def test_pallas_equals_xla(config):
     ref_outs, ref_errors, ref_state = _result(config, "xla")
     assert_trees_close(outs, ref_outs, rtol=1e-5, atol=1e-5)
     assert_trees_close(errors, ref_errors, rtol=1e-5, atol=1e-5)
-    assert_trees_close(state.compressor, ref_state.compressor, rtol=1e-5, atol=1e-5)
+    assert_trees_close(state.aggregator.compressor, ref_state.aggregator.compressor, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(optdist.bytes_sent(state), optdist.bytes_sent(ref_state))
 
 
@@ -151,7 +152,7 @@ def _count_kernels(compressor, tree, fused=True):
     state = compressor.init(tree)
 
     def step(x):
-        args = (state, jax.random.key(0), jnp.int32(0), ByteCounter.zeros(None), None)
+        args = (state, jax.random.key(0), jnp.int32(0), Channel(None))
         if fused:
             return compressor.aggregate_ef(x, x, *args)
         return compressor.aggregate(x, *args)
@@ -195,9 +196,9 @@ def test_groups_the_kernels_cannot_take_fall_back_under_auto_and_raise_under_pal
     fused_out, fused = run(make(impl="auto"))
     plain_out, plain = run(make(impl="auto")._replace(aggregate_ef=None))
     assert_trees_close(fused_out, plain_out, rtol=1e-6, atol=1e-6)
-    assert_trees_close(fused.error, plain.error, rtol=1e-6, atol=1e-6)
+    assert_trees_close(fused.aggregator.error, plain.aggregator.error, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(optdist.bytes_sent(fused), optdist.bytes_sent(plain))
-    assert np.abs(np.asarray(fused.error["m"])).max() > 1e-3  # it was compressed (rank 9 of 20)
+    assert np.abs(np.asarray(fused.aggregator.error["m"])).max() > 1e-3  # it was compressed (rank 9 of 20)
     with pytest.raises(ValueError, match=r"impl='pallas'.*rank <= 8"):
         _count_kernels(make(impl="pallas"), tree)
     # Gram-Schmidt of a 16385 x 4 factor does not fit on chip (32768 * 4 > 2**16): "auto" runs XLA.
@@ -209,7 +210,7 @@ def test_groups_the_kernels_cannot_take_fall_back_under_auto_and_raise_under_pal
     with pytest.raises(ValueError, match=r"impl='pallas'.*Gram-Schmidt.*16385"):
         _count_kernels(gs(impl="pallas"), big)
     comp = gs(impl="auto")
-    args = (comp.init(big), jax.random.key(0), jnp.int32(0), ByteCounter.zeros(None), None)
+    args = (comp.init(big), jax.random.key(0), jnp.int32(0), Channel(None))
     agg, new_error = jax.jit(comp.aggregate_ef)(big, jax.tree_util.tree_map(jnp.zeros_like, big), *args)
     # Rank 4 of a 4-column matrix: exact recovery, residual ~ 0.
     np.testing.assert_allclose(agg.mean["m"], big["m"], rtol=1e-4, atol=1e-4)

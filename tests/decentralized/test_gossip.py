@@ -346,7 +346,7 @@ def test_codec_decodes_to_the_compressors_own_message(compressor):
     assert jax.tree_util.tree_structure(decoded) == jax.tree_util.tree_structure(x)
     np.testing.assert_array_equal(decoded["s"], x["s"])  # scalars travel raw
     if compressor.name.startswith(("top_k", "sign", "int8", "threshold")):  # deterministic: the same message
-        local = compressor.aggregate(x, compressor.init(x), key, 0, optdist.ByteCounter.zeros(), None).local
+        local = compressor.aggregate(x, compressor.init(x), key, 0, optdist.Channel(None)).local
         np.testing.assert_allclose(decoded["a"], local["a"], rtol=1e-6, atol=1e-7)
     else:  # randomized: a compressed (not identical) message of the same scale
         assert not np.allclose(decoded["a"], x["a"]) and np.isfinite(decoded["a"]).all()

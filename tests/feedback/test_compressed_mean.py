@@ -68,21 +68,21 @@ def test_state_placement_per_worker_and_shared():
     grads = _heterogeneous_grads()
     _, state = _grad_steps(compressed_mean(compression.top_k(0.1), "data", feedback="econtrol"), grads, 3)
     placed = optdist.is_replicated(state)
-    assert not any(jax.tree_util.tree_leaves(placed.error))
-    assert not any(jax.tree_util.tree_leaves(placed.local_h))
-    assert all(jax.tree_util.tree_leaves(placed.shared_h))
-    assert placed.count and all(jax.tree_util.tree_leaves(placed.bytes_sent))
+    assert not any(jax.tree_util.tree_leaves(placed.aggregator.error))
+    assert not any(jax.tree_util.tree_leaves(placed.aggregator.local_h))
+    assert all(jax.tree_util.tree_leaves(placed.aggregator.shared_h))
+    assert placed.aggregator.count and all(jax.tree_util.tree_leaves(placed.bytes_sent))
     # h = mean_i h_i is maintained without communicating h_i.
     assert_trees_close(
-        jax.tree_util.tree_map(lambda h: h[0], state.shared_h),
-        jax.tree_util.tree_map(lambda h: h.mean(0), state.local_h),
+        jax.tree_util.tree_map(lambda h: h[0], state.aggregator.shared_h),
+        jax.tree_util.tree_map(lambda h: h.mean(0), state.aggregator.local_h),
         rtol=1e-5,
         atol=1e-6,
     )
     _, state = _grad_steps(powersgd(2, "data"), grads, 3)
     placed = optdist.is_replicated(state)
-    assert all(jax.tree_util.tree_leaves(placed.compressor))  # PowerSGD's Q
-    assert not placed.error["w"]
+    assert all(jax.tree_util.tree_leaves(placed.aggregator.compressor))  # PowerSGD's Q
+    assert not placed.aggregator.error["w"]
 
 
 def test_replicated_residual_is_not_the_algorithm():
@@ -94,7 +94,11 @@ def test_replicated_residual_is_not_the_algorithm():
     for _ in range(2):
         _, state = step(grads, state)
     averaged = state._replace(
-        error=jax.tree_util.tree_map(lambda e: jnp.broadcast_to(e.mean(0), e.shape), state.error)
+        aggregator=state.aggregator._replace(
+            error=jax.tree_util.tree_map(
+                lambda e: jnp.broadcast_to(e.mean(0), e.shape), state.aggregator.error
+            )
+        )
     )
     right, _ = step(grads, state)
     wrong, _ = step(grads, averaged)
@@ -112,10 +116,12 @@ def test_three_execution_modes_agree_with_ef_and_stochastic_compressor():
     results = run_in_three_modes(step, init, batches, steps=3)
     for name, (p, s) in results.items():
         assert_trees_close(p, results["simulate"][0], rtol=1e-5, atol=1e-6)
-        assert_trees_close(s[0].error, results["simulate"][1][0].error, rtol=1e-4, atol=1e-6)
+        assert_trees_close(
+            s[0].aggregator.error, results["simulate"][1][0].aggregator.error, rtol=1e-4, atol=1e-6
+        )
         assert all(jax.tree_util.tree_leaves(optdist.is_replicated(p))), name
     # qsgd's rounding noise differs per worker: the residuals do too.
-    assert not optdist.is_replicated(results["simulate"][1][0].error)["w"]
+    assert not optdist.is_replicated(results["simulate"][1][0].aggregator.error)["w"]
 
 
 def _hier_loss(params, batch):
@@ -168,11 +174,11 @@ def test_nonfinite_aggregate_keeps_every_state_and_skip_nonfinite_composes():
     out, new = step(poisoned, state)
     assert not np.isfinite(np.asarray(out["w"])).all()  # visible downstream
     for old_leaf, new_leaf in zip(
-        jax.tree_util.tree_leaves((state.local_h, state.shared_h)),
-        jax.tree_util.tree_leaves((new.local_h, new.shared_h)),
+        jax.tree_util.tree_leaves((state.aggregator.local_h, state.aggregator.shared_h)),
+        jax.tree_util.tree_leaves((new.aggregator.local_h, new.aggregator.shared_h)),
     ):
         np.testing.assert_array_equal(old_leaf, new_leaf)
-    np.testing.assert_array_equal(new.count, state.count + 1)
+    np.testing.assert_array_equal(new.aggregator.count, state.aggregator.count + 1)
 
     # Composition: skip_nonfinite around the chain skips the step on every worker.
     safe = optdist.skip_nonfinite(
@@ -189,7 +195,7 @@ def test_nonfinite_aggregate_keeps_every_state_and_skip_nonfinite_composes():
     p2, s2 = run(p1, s1, poisoned)
     assert_trees_close(p2, p1, rtol=0, atol=0)
     np.testing.assert_array_equal(s2.skipped, [1] * 4)
-    assert_trees_close(s2.inner_state[0].error, s1.inner_state[0].error, rtol=0, atol=0)
+    assert_trees_close(s2.inner_state[0].aggregator.error, s1.inner_state[0].aggregator.error, rtol=0, atol=0)
     assert np.isfinite(np.asarray(p2["w"])).all()
 
 
@@ -204,8 +210,10 @@ def test_hidden_nonfinite_entry_stays_out_of_the_residual():
     out, new = step({"w": grads["w"].at[1, 3, 4].set(jnp.nan), "b": grads["b"]}, state)
     assert np.isfinite(np.asarray(out["w"])).all()
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(new))
-    assert new.error["w"][1, 3, 4] == state.error["w"][1, 3, 4]
-    assert not np.array_equal(new.error["w"][0], state.error["w"][0])  # the rest moved on
+    assert new.aggregator.error["w"][1, 3, 4] == state.aggregator.error["w"][1, 3, 4]
+    assert not np.array_equal(
+        new.aggregator.error["w"][0], state.aggregator.error["w"][0]
+    )  # the rest moved on
 
 
 def test_bad_arguments_are_named():
