@@ -1,0 +1,621 @@
+"""The collectives of a compiled program, read from its optimized HLO text, and the bytes each worker sends.
+
+The byte counter (:mod:`optdist.comm.accounting`) is computed while tracing, from what the Python code
+asked for. This module reads what the compiler kept: the optimized HLO text of one compiled step,
+``jax.jit(step).lower(*args).compile().as_text()``, lists every collective in it (all-reduce,
+all-gather, collective-permute, reduce-scatter, all-to-all, their ``-start`` async forms and the
+collectives wrapped in an ``async-start``) with each operand's shape and dtype, the size of its replica
+group and, for a collective-permute, its ``source_target_pairs``. :func:`bytes_sent` then prices them with
+the same ring formulas the counter uses (:func:`~optdist.comm.accounting.all_reduce_bytes` and the
+others), each array operand on its own:
+
+* all-reduce: ``2 (n - 1) ceil(E / n) s``;
+* all-gather: ``(n - 1) E s`` with ``E`` the per-worker *input* (operand) element count;
+* reduce-scatter: ``(n - 1) ceil(E / n) s`` of the input;
+* collective-permute: ``E s`` if this device is a source of a pair whose target is another device;
+* all-to-all: ``(n - 1) / n`` of the operands' bytes (rounded up).
+
+``n`` is the size of the replica group holding the device (``replica_groups={{0,1,...}}``, the iota
+form ``[G,n]<=[...]`` or ``{}`` for every device). The test ``tests/comm/test_byte_audit.py`` compares
+the result with the counter's delta for one step of every transform of the common suite.
+
+**Control flow.** A program runs its entry computation once. Collectives inside computations the
+entry calls unconditionally (``call``, ``async-start``...) count once per call. A ``while`` body
+counts ``known_trip_count`` times (from the loop's ``backend_config``); a loop with collectives and
+no known trip count is refused. A ``conditional`` runs one branch, chosen at run time: the caller
+says which one with ``branch(conditional, device) -> index`` (a conditional with no collectives in
+any branch is never asked about). The audit test learns the index the way the program itself
+decides it: it compiles the step a second time with every ``lax.cond`` / ``lax.switch`` branch
+tagged by a ``jax.debug.callback`` whose label is a constant operand of the callback's custom call
+(:meth:`HloModule.callback_constants` reads the labels back from a branch computation), runs it
+at concrete step counts, and receives at run time the labels of the branches that ran on each
+device. Before it trusts the tagged program it checks that its collectives are those of the
+untagged step, branch by branch (:func:`collective_signature`); the bytes are then compared with the
+counter delta of the untagged step for that concrete step (a sync and a non-sync step of an outer
+loop, a Shampoo refresh and a non-refresh step).
+
+**What XLA:CPU changes, and what is counted** (jax 0.10.2, checked on the compiled text):
+
+* *bf16 all-reduces run in f32.* XLA:CPU's all-reduce promotion rewrites an all-reduce of bfloat16
+  into ``convert`` to f32, an f32 all-reduce whose reducer computation is renamed ``*_promoted``, and a
+  ``convert`` back to bfloat16 that carries the all-reduce's own ``op_name`` metadata. float16 and
+  integer all-reduces are left alone. The counter reports the 2-byte width that a GPU or TPU sends;
+  the audit maps a promoted operand back: an f32 operand of an all-reduce with a ``*_promoted``
+  reducer whose result is converted to a 16-bit float by a ``convert`` with the collective's
+  ``op_name`` and stack frame (directly or as the first op on that operand inside a fusion) counts
+  at that 16-bit width. The producer side cannot tell: XLA:CPU computes all bf16 arithmetic in f32,
+  so a genuine f32 all-reduce of values derived from bf16 looks the same there, and the combiner
+  below merges promoted and genuine f32 operands into one all-reduce.
+* *The all-reduce combiner* merges small all-reduces into one tuple all-reduce of several operands.
+  Counting per operand makes this irrelevant (the counter also counts per array).
+* *CSE* may merge two identical all-reduces into one; then the program sends less than the code
+  asked for and the counter over-counts. The audit reports it as a mismatch (it is a defect of the
+  transform that issued the duplicate, not something to map away).
+* A collective-permute pair whose source is its target sends nothing; a group of one sends nothing.
+
+Example::
+
+  compiled = jax.jit(step).lower(params, state, batch).compile()
+  module = hlo.HloModule(compiled.as_text())
+  for c in module.collectives():
+      print(c.kind, c.operands, c.group_size)
+  per_device = [hlo.bytes_sent(module, d) for d in range(8)]  # raises if a branch must be chosen
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optdist.comm import accounting
+
+__all__ = [
+    "Collective",
+    "Conditional",
+    "HloModule",
+    "bytes_sent",
+    "collective_signature",
+]
+
+KINDS = ("all-reduce", "all-gather", "collective-permute", "reduce-scatter", "all-to-all")
+
+_DTYPES = {
+    "pred": np.bool_,
+    "s8": np.int8,
+    "s16": np.int16,
+    "s32": np.int32,
+    "s64": np.int64,
+    "u8": np.uint8,
+    "u16": np.uint16,
+    "u32": np.uint32,
+    "u64": np.uint64,
+    "f16": np.float16,
+    "bf16": jnp.bfloat16,
+    "f32": np.float32,
+    "f64": np.float64,
+    "c64": np.complex64,
+    "c128": np.complex128,
+    "f8e4m3fn": jnp.float8_e4m3fn,
+    "f8e5m2": jnp.float8_e5m2,
+}
+_HALF = ("bf16", "f16")
+
+_ARRAY = re.compile(r"\b([a-z]\w*)\[([^\]]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->\s*.*\{\s*$")
+_CALLED = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+_NAME = re.compile(r"%([\w.\-]+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    """One HLO instruction: ``name = shape opcode(operands), attributes``."""
+
+    name: str
+    shape: str  # as printed, e.g. "f32[5,3]{1,0}" or a tuple "(f32[3]{0}, s8[8,16]{1,0})"
+    opcode: str
+    operands: tuple[str, ...]
+    attributes: str
+    computation: str
+    literal: str = ""  # the text between the opcode's parentheses (``parameter(0)``, ``constant(7)``)
+
+    @property
+    def arrays(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(dtype, dims) of each array in the result shape, tuples flattened."""
+        return _arrays(self.shape)
+
+    def attribute(self, key: str) -> str | None:
+        """The raw text of ``key=...`` (braces matched), or None."""
+        at = re.search(rf"(?:^|[\s,]){re.escape(key)}=", self.attributes)
+        if not at:
+            return None
+        start = at.end()
+        text = self.attributes
+        if text[start] in '{[("':
+            return text[start : _matching(text, start) + 1]
+        end = start
+        while end < len(text) and text[end] not in ", ":
+            end += 1
+        return text[start:end]
+
+    @property
+    def op_name(self) -> str:
+        meta = self.attribute("metadata") or ""
+        found = re.search(r'op_name="([^"]*)"', meta)
+        return found.group(1) if found else ""
+
+    @property
+    def stack_frame(self) -> int | None:
+        meta = self.attribute("metadata") or ""
+        found = re.search(r"stack_frame_id=(\d+)", meta)
+        return int(found.group(1)) if found else None
+
+    @property
+    def called(self) -> list[str]:
+        """Computations this instruction calls (branches and loop parts included)."""
+        names = [m.group(2) for m in _CALLED.finditer(self.attributes)]
+        for block in _BRANCHES.finditer(self.attributes):
+            names += _NAME.findall(block.group(1))
+        return names
+
+
+@dataclasses.dataclass(frozen=True)
+class Computation:
+    name: str
+    instructions: tuple[Instruction, ...]
+    is_entry: bool
+
+    def __post_init__(self):
+        object.__setattr__(self, "_by_name", {i.name: i for i in self.instructions})
+
+    def __getitem__(self, name: str) -> Instruction:
+        return self._by_name[name]
+
+    def users(self, name: str) -> list[Instruction]:
+        return [i for i in self.instructions if name in i.operands]
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of the compiled program, as one device runs it.
+
+    Attributes:
+      kind: one of ``KINDS`` (``-start`` forms reported under their base kind).
+      name: the HLO instruction name.
+      computation: the computation holding it.
+      operands: one ``jax.ShapeDtypeStruct`` per array operand, in the dtype counted (a bf16 all-reduce
+        that XLA:CPU promoted to f32 is reported as bf16; see the module docstring).
+      hlo_dtypes: the operands' dtypes as the HLO has them.
+      groups: the replica groups (device ids), one tuple per group.
+      source_target_pairs: for a collective-permute, the ``(source, target)`` pairs.
+      op_name: the jax op name from the metadata (e.g. ``".../cond/branch_1_fun/psum"``).
+    """
+
+    kind: str
+    name: str
+    computation: str
+    operands: tuple[jax.ShapeDtypeStruct, ...]
+    hlo_dtypes: tuple[str, ...]
+    groups: tuple[tuple[int, ...], ...]
+    source_target_pairs: tuple[tuple[int, int], ...] = ()
+    op_name: str = ""
+
+    def group_size(self, device: int = 0) -> int:
+        """Participants in the group holding ``device`` (0 if it is in none)."""
+        for group in self.groups:
+            if device in group:
+                return len(group)
+        return 0
+
+    def bytes_sent(self, device: int = 0) -> int:
+        """Bytes ``device`` sends in this collective (ring formulas, each operand on its own)."""
+        ops = list(self.operands)
+        if self.kind == "collective-permute":
+            sends = sum(1 for s, t in self.source_target_pairs if s == device and t != device)
+            return sends * accounting.payload_bytes(ops)
+        n = self.group_size(device)
+        if n <= 1:
+            return 0
+        if self.kind == "all-reduce":
+            return accounting.all_reduce_bytes(ops, n)
+        if self.kind == "all-gather":
+            return accounting.all_gather_bytes(ops, n)
+        if self.kind == "reduce-scatter":
+            return accounting.reduce_scatter_bytes(ops, n)
+        return -(-(n - 1) * accounting.payload_bytes(ops) // n)  # all-to-all
+
+    def signature(self) -> tuple:
+        """What the collective sends, without names: (kind, operands, groups, pairs)."""
+        ops = tuple((tuple(o.shape), str(o.dtype)) for o in self.operands)
+        return (self.kind, ops, self.groups, self.source_target_pairs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditional:
+    """A ``conditional`` instruction: ``branches[i]`` runs when its index operand is ``i``."""
+
+    name: str
+    computation: str
+    branches: tuple[str, ...]
+    op_name: str = ""
+
+
+class HloModule:
+    """A parsed optimized HLO module (the text of ``Compiled.as_text()``).
+
+    Args:
+      text: the HLO text of one module.
+    """
+
+    def __init__(self, text: str):
+        if not isinstance(text, str) or "ENTRY" not in text:
+            raise ValueError(
+                "HloModule needs the optimized HLO text of a compiled program, e.g. "
+                "jax.jit(f).lower(*args).compile().as_text(); got text without an ENTRY computation."
+            )
+        self.text = text
+        header = text.split("\n", 1)[0]
+        self.num_devices = max(_header_int(header, "num_partitions"), _header_int(header, "replica_count"))
+        self.computations: dict[str, Computation] = {}
+        self.entry = ""
+        name, entry, body = None, False, []
+        for raw in text.splitlines():
+            line = re.sub(r"/\*.*?\*/", "", raw)
+            if name is None:
+                head = _HEADER.match(line)
+                if head:
+                    name, entry, body = head.group(2), bool(head.group(1)), []
+                continue
+            if line.strip() == "}":
+                self.computations[name] = Computation(name, tuple(body), entry)
+                if entry:
+                    self.entry = name
+                name = None
+                continue
+            parsed = _parse_instruction(line, name)
+            if parsed is not None:
+                body.append(parsed)
+        if not self.entry:
+            raise ValueError("HloModule: no ENTRY computation could be parsed from the text.")
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def collectives(self, computation: str | None = None) -> list[Collective]:
+        """Every collective in ``computation`` (only its own instructions), or in the whole module."""
+        names = [computation] if computation is not None else list(self.computations)
+        return [
+            self._collective(inst)
+            for name in names
+            for inst in self.computations[name].instructions
+            if _kind(inst) is not None
+        ]
+
+    def conditionals(self, computation: str | None = None) -> list[Conditional]:
+        """The ``conditional`` instructions of ``computation`` (or of the whole module)."""
+        names = [computation] if computation is not None else list(self.computations)
+        return [
+            Conditional(inst.name, name, tuple(inst.called), inst.op_name)
+            for name in names
+            for inst in self.computations[name].instructions
+            if inst.opcode == "conditional"
+        ]
+
+    def callback_constants(self, computation: str, target: str = "callback") -> list[tuple[int, ...]]:
+        """Integer constants passed to each host-callback custom call run by ``computation``.
+
+        Looks in ``computation`` and the computations it calls unconditionally (not in nested
+        branches or loop bodies). A ``jax.debug.callback(fn, jnp.int32(a), jnp.int32(b))`` inside a
+        branch shows up as ``(a, b)``: a label a caller can put in a branch to recognise it here.
+        """
+        found = []
+        comp = self.computations[computation]
+        for inst in comp.instructions:
+            if inst.opcode == "custom-call" and target in (inst.attribute("custom_call_target") or ""):
+                values = [_constant(comp, o) for o in inst.operands]
+                found.append(tuple(v for v in values if v is not None))
+            elif inst.opcode not in ("conditional", "while"):
+                for callee in inst.called:
+                    found += self.callback_constants(callee, target)
+        return found
+
+    def _collective(self, inst: Instruction) -> Collective:
+        comp = self.computations[inst.computation]
+        kind = _kind(inst)
+        arrays = []
+        for name in inst.operands:
+            arrays += comp[name].arrays
+        if kind == "collective-permute" and inst.attribute("slice_sizes") is not None:
+            raise NotImplementedError(
+                f"{inst.name}: in-place collective-permute (slice_sizes) is not supported."
+            )
+        dtypes = [d for d, _ in arrays]
+        if kind == "all-reduce" and (inst.attribute("to_apply") or "").endswith("_promoted"):
+            dtypes = [self._promoted_from(inst, i, d) for i, d in enumerate(dtypes)]
+        operands = tuple(jax.ShapeDtypeStruct(dims, _DTYPES[d]) for d, (_, dims) in zip(dtypes, arrays))
+        pairs = inst.attribute("source_target_pairs")
+        return Collective(
+            kind=kind,
+            name=inst.name,
+            computation=inst.computation,
+            operands=operands,
+            hlo_dtypes=tuple(d for d, _ in arrays),
+            groups=_groups(inst.attribute("replica_groups"), self.num_devices)
+            if kind != "collective-permute"
+            else (),
+            source_target_pairs=tuple(tuple(p) for p in _int_lists(pairs)) if pairs else (),
+            op_name=inst.op_name,
+        )
+
+    def _promoted_from(self, inst: Instruction, index: int, dtype: str) -> str:
+        """The 16-bit float type operand ``index`` of a promoted all-reduce had, else ``dtype``."""
+        comp = self.computations[inst.computation]
+        if inst.shape.startswith("("):
+            results = [
+                u
+                for u in comp.users(inst.name)
+                if u.opcode == "get-tuple-element" and _tuple_index(u) == index
+            ]
+        else:
+            results = [inst]
+        found = set()
+        for result in results:
+            for user in comp.users(result.name):
+                found |= self._converts_to_half(user, result)
+        if len(found) > 1:
+            raise ValueError(
+                f"{inst.name} operand {index}: converted back to several widths {sorted(found)}."
+            )
+        return found.pop() if found else dtype
+
+    def _converts_to_half(self, user: Instruction, result: Instruction) -> set[str]:
+        """16-bit types ``user`` converts ``result`` to with the collective's own metadata."""
+
+        def inserted(convert: Instruction) -> bool:
+            return convert.op_name == result.op_name and convert.stack_frame == result.stack_frame
+
+        if user.opcode == "convert" and user.arrays[0][0] in _HALF and inserted(user):
+            return {user.arrays[0][0]}
+        if user.opcode != "fusion":
+            return set()
+        fused = self.computations[user.called[0]]
+        found = set()
+        for position, operand in enumerate(user.operands):
+            if operand != result.name:
+                continue
+            params = [
+                i for i in fused.instructions if i.opcode == "parameter" and _param_number(i) == position
+            ]
+            for param in params:
+                for inner in fused.users(param.name):
+                    if inner.opcode == "convert" and inner.arrays[0][0] in _HALF and inserted(inner):
+                        found.add(inner.arrays[0][0])
+        return found
+
+    # -- control flow ----------------------------------------------------------------------------
+
+    def runs(
+        self,
+        device: int = 0,
+        branch: Callable[[Conditional, int], int] | None = None,
+        computation: str | None = None,
+    ) -> Iterator[tuple[Collective, int]]:
+        """``(collective, times)`` for every collective ``device`` runs in one execution.
+
+        Args:
+          device: the device (partition) id.
+          branch: ``branch(conditional, device) -> index`` for each conditional one of whose branches
+            holds a collective; required only where there is one.
+          computation: where to start (the entry computation by default).
+        """
+        name = computation or self.entry
+        for inst in self.computations[name].instructions:
+            if _kind(inst) is not None:
+                yield self._collective(inst), 1
+            elif inst.opcode == "conditional":
+                cond = Conditional(inst.name, name, tuple(inst.called), inst.op_name)
+                if not any(self._has_collectives(b) for b in cond.branches):
+                    continue
+                if branch is None:
+                    raise ValueError(
+                        f"conditional {cond.name} ({cond.op_name}) has collectives in a branch: pass "
+                        "branch(conditional, device) -> index to say which branch runs."
+                    )
+                index = int(branch(cond, device))
+                if not 0 <= index < len(cond.branches):
+                    raise ValueError(f"branch index {index} out of range for {cond.name}.")
+                yield from self.runs(device, branch, cond.branches[index])
+            elif inst.opcode == "while":
+                body, test = inst.attribute("body").lstrip("%"), inst.attribute("condition").lstrip("%")
+                if not (self._has_collectives(body) or self._has_collectives(test)):
+                    continue
+                trips = _trip_count(inst)
+                if trips is None:
+                    raise ValueError(f"while loop {inst.name} has collectives but no known_trip_count.")
+                for part, times in ((body, trips), (test, trips + 1)):
+                    for coll, k in self.runs(device, branch, part):
+                        yield coll, k * times
+            else:
+                for callee in inst.called:
+                    yield from self.runs(device, branch, callee)
+
+    def _has_collectives(self, name: str) -> bool:
+        comp = self.computations[name]
+        return any(
+            _kind(i) is not None or any(self._has_collectives(c) for c in i.called) for i in comp.instructions
+        )
+
+
+def bytes_sent(
+    module: HloModule | str, device: int = 0, branch: Callable[[Conditional, int], int] | None = None
+) -> int:
+    """Bytes ``device`` sends in one execution of the compiled program (see the module docstring).
+
+    Args:
+      module: an :class:`HloModule` or the optimized HLO text.
+      device: the device (partition) id.
+      branch: ``branch(conditional, device) -> index``: the branch each conditional with collectives
+        takes on ``device`` in this execution.
+
+    Returns:
+      The byte count (int).
+    """
+    module = module if isinstance(module, HloModule) else HloModule(module)
+    return sum(coll.bytes_sent(device) * times for coll, times in module.runs(device, branch))
+
+
+def collective_signature(module: HloModule, computation: str | None = None) -> tuple:
+    """A name-free description of where each collective sits: to compare two compilations of a step.
+
+    The collectives of ``computation`` (the entry by default) and of what it calls unconditionally,
+    sorted; then, per conditional holding collectives, the signatures of its branches in order; per
+    while loop holding collectives, its trip count and the signature of its body.
+    """
+    name = computation or module.entry
+    flat, nested = [], []
+    for inst in module.computations[name].instructions:
+        if _kind(inst) is not None:
+            flat.append(module._collective(inst).signature())
+        elif inst.opcode == "conditional":
+            if any(module._has_collectives(b) for b in inst.called):
+                nested.append(("conditional", tuple(collective_signature(module, b) for b in inst.called)))
+        elif inst.opcode == "while":
+            body = inst.attribute("body").lstrip("%")
+            if module._has_collectives(body):
+                nested.append(("while", _trip_count(inst), collective_signature(module, body)))
+        else:
+            for callee in inst.called:
+                sub_flat, sub_nested = collective_signature(module, callee)
+                flat += sub_flat
+                nested += sub_nested
+    return tuple(sorted(flat, key=repr)), tuple(sorted(nested, key=repr))
+
+
+# -- text helpers ------------------------------------------------------------------------------------
+
+
+def _matching(text: str, start: int) -> int:
+    """Index of the bracket closing the one at ``text[start]`` (quotes respected)."""
+    pairs = {"(": ")", "{": "}", "[": "]", '"': '"'}
+    stack, i = [pairs[text[start]]], start + 1
+    while i < len(text):
+        ch = text[i]
+        if stack[-1] == '"':
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                stack.pop()
+        elif ch == stack[-1]:
+            stack.pop()
+        elif ch in pairs:
+            stack.append(pairs[ch])
+        if not stack:
+            return i
+        i += 1
+    raise ValueError(f"unbalanced brackets in HLO text: {text[start : start + 80]!r}")
+
+
+def _parse_instruction(line: str, computation: str) -> Instruction | None:
+    found = _INSTRUCTION.match(line)
+    if not found:
+        return None
+    name, rest = found.group(2), found.group(3).strip()
+    if rest.startswith("("):
+        end = _matching(rest, 0)
+        shape, rest = rest[: end + 1], rest[end + 1 :].strip()
+    else:
+        shape, _, rest = rest.partition(" ")
+    opcode = re.match(r"[\w\-]+", rest)
+    if not opcode:
+        return None
+    open_at = opcode.end()
+    if open_at >= len(rest) or rest[open_at] != "(":
+        return None
+    close = _matching(rest, open_at)
+    operands = tuple(_NAME.findall(rest[open_at + 1 : close]))
+    attributes = rest[close + 1 :].lstrip(", ")
+    literal = rest[open_at + 1 : close].strip()
+    return Instruction(name, shape, opcode.group(0), operands, attributes, computation, literal)
+
+
+def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    out = []
+    for dtype, dims in _ARRAY.findall(shape):
+        if dtype not in _DTYPES:
+            continue  # token[] and the like carry no data
+        out.append((dtype, tuple(int(d.replace("<=", "")) for d in dims.split(",") if d.strip())))
+    return out
+
+
+def _kind(inst: Instruction) -> str | None:
+    for kind in KINDS:
+        if inst.opcode in (kind, kind + "-start"):
+            return kind
+    return None
+
+
+def _int_lists(text: str) -> list[list[int]]:
+    """``{{0,1},{2,3}}`` -> ``[[0, 1], [2, 3]]``."""
+    return [[int(x) for x in group.split(",") if x.strip()] for group in re.findall(r"\{([\d,\s]*)\}", text)]
+
+
+def _groups(text: str | None, num_devices: int) -> tuple[tuple[int, ...], ...]:
+    """Replica groups from ``{{...},...}``, the iota form ``[G,n]<=[d...]T(perm)`` or ``{}`` (all)."""
+    if text is None or text.strip() in ("{}", "{{}}"):
+        return (tuple(range(num_devices)),)
+    iota = re.match(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
+    if iota:
+        shape = [int(x) for x in iota.group(1).split(",")]
+        dims = [int(x) for x in iota.group(2).split(",")]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if iota.group(3):
+            ids = ids.transpose([int(x) for x in iota.group(3).split(",")])
+        ids = ids.reshape(shape[0], -1)
+        return tuple(tuple(int(x) for x in row) for row in ids)
+    groups = _int_lists(text)
+    if not groups:
+        raise ValueError(f"cannot read replica_groups={text!r}.")
+    return tuple(tuple(g) for g in groups)
+
+
+def _header_int(header: str, key: str) -> int:
+    found = re.search(rf"\b{key}=(\d+)", header)
+    return int(found.group(1)) if found else 1
+
+
+def _trip_count(inst: Instruction) -> int | None:
+    config = inst.attribute("backend_config")
+    if not config:
+        return None
+    try:
+        n = json.loads(config).get("known_trip_count", {}).get("n")
+    except (ValueError, AttributeError):
+        return None
+    return int(n) if n is not None else None
+
+
+def _tuple_index(inst: Instruction) -> int:
+    return int(inst.attribute("index"))
+
+
+def _param_number(inst: Instruction) -> int:
+    return int(inst.literal)
+
+
+def _constant(comp: Computation, name: str) -> int | None:
+    """The value of an integer scalar ``constant(...)`` (through copies and bitcasts), else None."""
+    inst = comp[name]
+    while inst.opcode in ("copy", "bitcast") and len(inst.operands) == 1:
+        inst = comp[inst.operands[0]]
+    if inst.opcode != "constant" or not inst.arrays or inst.arrays[0][1]:
+        return None
+    if not re.fullmatch(r"-?\d+", inst.literal):
+        return None
+    return int(inst.literal)
