@@ -1,6 +1,6 @@
 """optdist: composable optax transforms for distributed, communication-efficient training."""
 
-from optdist import comm, decentralized, outer, preconditioning, robust, zeroth_order
+from optdist import comm, decentralized, outer, preconditioning, robust, training, zeroth_order
 from optdist import compression as compressors
 from optdist.comm import (
     ByteCounter,
@@ -60,6 +60,7 @@ __all__ = [
     "gossip",
     "gradient_tracking",
     "zeroth_order",
+    "training",
     "seeded_spsa",
     "SeededSPSAState",
     "compressors",
