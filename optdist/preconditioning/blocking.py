@@ -76,6 +76,7 @@ class LeafLayout:
     diagonal: bool
     parts: tuple[int, ...] = ()  # chunk kinds per dim (1 or 2), regions in itertools.product order
     regions: tuple[Region, ...] = ()
+    empty: bool = False  # zero elements: no blocks, no diagonal statistic (passed through)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,9 @@ def make_layout(
     counts: dict[BlockShape, int] = {}
     pending = []
     for shape in shapes:
+        if math.prod(shape) == 0:
+            pending.append(LeafLayout(tuple(shape), tuple(shape), False, empty=True))
+            continue
         merged = merge_dims(tuple(shape), block_size, merge_small_dims)
         if len(merged) < 2 or max(merged) > max_preconditioner_dim:
             pending.append(LeafLayout(tuple(shape), merged, True))
@@ -145,7 +149,7 @@ def to_banks(layout: Layout, leaves: list[jax.Array]) -> dict[str, jax.Array]:
     """Stacks every non-diagonal leaf's blocks into per-shape banks ``{key: [N_g, *shape]}``."""
     pieces: dict[BlockShape, list[jax.Array]] = {g: [] for g in layout.groups}
     for leaf_layout, x in zip(layout.leaves, leaves):
-        if leaf_layout.diagonal:
+        if leaf_layout.diagonal or leaf_layout.empty:
             continue
         x = jnp.reshape(x, leaf_layout.merged)
         for region in leaf_layout.regions:
@@ -162,10 +166,10 @@ def _assemble(arrays: dict, parts: tuple[int, ...], dim: int, prefix: tuple[int,
 
 
 def from_banks(layout: Layout, banks: dict[str, jax.Array]) -> list[jax.Array | None]:
-    """Inverse of :func:`to_banks`: one array per leaf (``None`` for diagonal leaves)."""
+    """Inverse of :func:`to_banks`: one array per leaf (``None`` for diagonal and empty leaves)."""
     out: list[jax.Array | None] = []
     for leaf_layout in layout.leaves:
-        if leaf_layout.diagonal:
+        if leaf_layout.diagonal or leaf_layout.empty:
             out.append(None)
             continue
         arrays = {}

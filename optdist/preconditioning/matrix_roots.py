@@ -189,22 +189,28 @@ _IMPLS = ("auto", "pallas", "xla")
 _KERNEL = "batched_inverse_pth_root"
 
 
-def _use_kernel(impl: str, a: jax.Array) -> bool:
-    if impl != "auto":
-        return impl == "pallas"
-    from optdist_kernels import _dispatch, roots
+def _kernel_unsupported(a: jax.Array) -> str | None:
+    """Why the Pallas root kernel cannot take ``a`` (None: it can)."""
+    from optdist_kernels import roots
 
     m = a.shape[-1]
-    fits = a.dtype == jnp.float32 and 16 <= m <= roots.MAX_PALLAS_DIM and not m & (m - 1)
-    return fits and _dispatch.prefers_pallas(_KERNEL)
+    if a.dtype != jnp.float32:
+        return f"the root kernel computes in float32; got a {a.dtype} matrix"
+    if m < 16 or m > roots.MAX_PALLAS_DIM or m & (m - 1):
+        return f"the Pallas root kernel takes power-of-two blocks 16 <= m <= {roots.MAX_PALLAS_DIM}; got {m}"
+    return None
+
+
+def _use_kernel(impl: str, a: jax.Array) -> bool:
+    from optdist_kernels import resolve_impl
+
+    return resolve_impl(impl, _KERNEL, unsupported=_kernel_unsupported(a)) == "pallas"
 
 
 def _kernel_root(a, p, method, ridge_epsilon, relative, max_iters, precision, impl):
     """The Pallas kernel on ``A + ridge I`` (ridge from this module's rule, so the math matches)."""
     from optdist_kernels import batched_inverse_pth_root
 
-    if a.dtype != jnp.float32:
-        raise ValueError(f"impl='pallas' computes in float32; got a {a.dtype} matrix (use impl='xla').")
     ridge = _ridge(max_eigenvalue(a, precision=precision), ridge_epsilon, relative)
     a_reg = (a + ridge[..., None, None] * _eye_like(a)).reshape(-1, *a.shape[-2:])
     root, err = batched_inverse_pth_root(

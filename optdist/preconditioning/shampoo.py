@@ -64,6 +64,8 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import string
 from typing import Any, NamedTuple
@@ -77,11 +79,12 @@ from jax import lax
 from optdist import _checks
 from optdist.comm.accounting import ByteCounter
 from optdist.comm.axes import AxisName, validate_axis_name
-from optdist.comm.branching import worker_cond
 from optdist.comm.channel import Channel
 from optdist.preconditioning import blocking, storage
 from optdist.preconditioning import grafting as graft_lib
 from optdist.preconditioning.matrix_roots import METHODS, matrix_inverse_pth_root
+
+Stored = jax.Array | storage.QuantizedMatrices
 
 
 class ShampooState(NamedTuple):
@@ -99,13 +102,40 @@ class ShampooState(NamedTuple):
     """
 
     count: jax.Array
-    stats: dict[str, tuple[jax.Array | storage.QuantizedMatrices, ...]]
-    preconditioners: dict[str, tuple[jax.Array | storage.QuantizedMatrices, ...]]
+    stats: dict[str, tuple[Stored, ...]]
+    preconditioners: dict[str, tuple[Stored, ...]]
     root_errors: dict[str, jax.Array]
     root_failures: dict[str, jax.Array]
     diagonal: tuple[jax.Array, ...]
     graft_state: Any
     bytes_sent: ByteCounter
+
+
+class Banks(NamedTuple):
+    """The per-block-shape banks of :class:`ShampooState` (or the rows of them a worker owns)."""
+
+    stats: dict[str, tuple[Stored, ...]]
+    preconditioners: dict[str, tuple[Stored, ...]]
+    root_errors: dict[str, jax.Array]
+    root_failures: dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class RootConfig:
+    """How the inverse roots are computed and when a refreshed root is rejected."""
+
+    method: str = "eigh"
+    exponent_override: int | None = None
+    ridge_epsilon: float = 1e-6
+    relative_epsilon: bool = True
+    max_iters: int = 100
+    impl: str = "auto"
+    error_threshold: float = 0.25
+    precision: Any = lax.Precision.HIGHEST
+
+    def exponent(self, order: int) -> int:
+        """``p`` of :math:`\\hat L^{-1/p}` for a block of ``order`` dims (``2`` for the diagonal)."""
+        return self.exponent_override or 2 * order
 
 
 _LETTERS = string.ascii_lowercase[:20]
@@ -130,6 +160,443 @@ def _apply(pre: jax.Array, blocks: jax.Array, dim: int, precision) -> jax.Array:
 def _compute_dtype(leaves) -> jnp.dtype:
     """float32, or float64 when a leaf is float64 (x64 enabled)."""
     return jnp.result_type(jnp.float32, *[jnp.result_type(x) for x in leaves])
+
+
+def accumulate(old: jax.Array, new: jax.Array, beta2: float) -> jax.Array:
+    r""":math:`\beta_2\,\mathrm{old} + (1 - \beta_2)\,\mathrm{new}` (a sum for :math:`\beta_2 = 1`)."""
+    if beta2 == 1.0:
+        return old + new
+    return beta2 * old + (1.0 - beta2) * new
+
+
+def update_statistics(
+    stats: tuple[Stored, ...], blocks: jax.Array, beta2: float, precision: Any = lax.Precision.HIGHEST
+) -> tuple[Stored, ...]:
+    r"""One bank's statistics: :math:`L_i \leftarrow \beta_2 L_i + (1-\beta_2) G_{(i)} G_{(i)}^\top`.
+
+    Args:
+      stats: one stored ``[c, s_i, s_i]`` statistic per block dim (float or quantized storage).
+      blocks: the bank's gradient blocks ``[c, *block_shape]``; the math runs in their dtype.
+      beta2: decay in ``(0, 1]``.
+      precision: matmul precision.
+
+    Returns:
+      The statistics in their storage dtypes.
+    """
+    cdt = blocks.dtype
+    return tuple(
+        storage.encode(
+            accumulate(storage.decode(s, cdt), _gram(blocks, i, precision), beta2), storage.dtype_of(s)
+        )
+        for i, s in enumerate(stats)
+    )
+
+
+def inverse_roots(
+    stats: dict[str, tuple[Stored, ...]], config: RootConfig, dtype: Any
+) -> dict[str, tuple[tuple[jax.Array, jax.Array], ...]]:
+    r"""Candidate roots :math:`\hat L_i^{-1/p}` and residual estimates of every statistic.
+
+    One batched :func:`matrix_inverse_pth_root` call per (side length, exponent) across all block
+    shapes. ``stats`` maps a block-shape key (``"4x3"``) to one stored ``[c, s_i, s_i]`` per dim.
+
+    Returns:
+      ``{key: ((root [c, s_i, s_i], error [c]), ...)}``, one pair per dim, in ``dtype``.
+    """
+    batches: dict[tuple[int, int], list[tuple[str, int]]] = {}
+    for key, per_dim in stats.items():
+        for i, s in enumerate(per_dim):
+            side = (s.codes if isinstance(s, storage.QuantizedMatrices) else s).shape[-1]
+            batches.setdefault((side, config.exponent(len(per_dim))), []).append((key, i))
+    out: dict[str, list] = {key: [None] * len(per_dim) for key, per_dim in stats.items()}
+    for (_, p), members in batches.items():
+        mats = [storage.decode(stats[key][i], dtype) for key, i in members]
+        root, err = matrix_inverse_pth_root(
+            mats[0] if len(mats) == 1 else jnp.concatenate(mats),
+            p,
+            config.method,
+            ridge_epsilon=config.ridge_epsilon,
+            relative_epsilon=config.relative_epsilon,
+            max_iters=config.max_iters,
+            precision=config.precision,
+            impl=config.impl,
+        )
+        start = 0
+        for (key, i), mat in zip(members, mats):
+            rows = slice(start, start + mat.shape[0])
+            out[key][i] = (root[rows], err[rows])
+            start += mat.shape[0]
+    return {key: tuple(parts) for key, parts in out.items()}
+
+
+def accept_roots(
+    roots: tuple[tuple[jax.Array, jax.Array], ...],
+    preconditioners: tuple[Stored, ...],
+    errors: jax.Array,
+    failures: jax.Array,
+    threshold: float,
+) -> tuple[tuple[Stored, ...], jax.Array, jax.Array]:
+    """One bank's refresh with the failure fallback.
+
+    A candidate root is accepted when it and its residual estimate are finite and the estimate is at
+    most ``threshold``; otherwise the previous preconditioner is kept and its failure count grows.
+
+    Args:
+      roots: per dim, ``(root [c, s, s], error [c])`` from :func:`inverse_roots`.
+      preconditioners: per dim, the stored previous ``[c, s, s]`` preconditioners.
+      errors: ``[c, k]`` last residual estimates (replaced by the new ones, accepted or not).
+      failures: ``[c, k]`` int32 rejection counts.
+      threshold: the largest residual estimate accepted.
+
+    Returns:
+      ``(preconditioners, errors, failures)`` in the storage layout of the inputs.
+    """
+    ok = [
+        jnp.isfinite(err) & (err <= threshold) & jnp.all(jnp.isfinite(root), (-2, -1)) for root, err in roots
+    ]
+    pres = tuple(
+        storage.select(good, storage.encode(root, storage.dtype_of(old)), old)
+        for (root, _), good, old in zip(roots, ok, preconditioners)
+    )
+    new_errors = jnp.stack([err for _, err in roots], axis=1).astype(errors.dtype)
+    new_failures = failures + jnp.stack([~good for good in ok], axis=1).astype(failures.dtype)
+    return pres, new_errors, new_failures
+
+
+def refresh_preconditioners(banks: Banks, config: RootConfig, dtype: Any) -> Banks:
+    """``banks`` with every preconditioner recomputed from its statistic (failures fall back)."""
+    roots = inverse_roots(banks.stats, config, dtype)
+    pres, errs, fails = {}, {}, {}
+    for key in banks.stats:
+        pres[key], errs[key], fails[key] = accept_roots(
+            roots[key],
+            banks.preconditioners[key],
+            banks.root_errors[key],
+            banks.root_failures[key],
+            config.error_threshold,
+        )
+    return Banks(banks.stats, pres, errs, fails)
+
+
+def precondition_blocks(
+    blocks: jax.Array, preconditioners: tuple[Stored, ...], precision: Any = lax.Precision.HIGHEST
+) -> jax.Array:
+    r""":math:`P = G \times_1 \hat L_1^{-1/p} \times_2 \cdots \times_k \hat L_k^{-1/p}` for a bank of blocks.
+
+    For a matrix block: :math:`P = \hat L^{-1/p} G \hat R^{-1/p}`. ``blocks`` is ``[c, *shape]``;
+    ``preconditioners`` one stored ``[c, s_i, s_i]`` per dim (symmetric), decoded in the blocks' dtype.
+    """
+    direction = blocks
+    for i, pre in enumerate(preconditioners):
+        direction = _apply(storage.decode(pre, blocks.dtype), direction, i, precision)
+    return direction
+
+
+def diagonal_direction(
+    stat: jax.Array, grad: jax.Array, ridge_epsilon: float, relative_epsilon: bool, p: int
+) -> jax.Array:
+    r"""The diagonal fallback :math:`(d + \epsilon)^{-1/p} g` (``0`` where :math:`d + \epsilon = 0`),
+    :math:`\epsilon` = ``ridge_epsilon`` times :math:`\max d` when relative."""
+    ridge = ridge_epsilon * jnp.max(stat) if relative_epsilon else ridge_epsilon
+    reg = stat + ridge
+    return jnp.where(reg > 0, grad * jnp.power(jnp.where(reg > 0, reg, 1.0), -1.0 / p), 0.0)
+
+
+def init_banks(
+    layout: blocking.Layout,
+    slots: dict[str, int],
+    dtype: Any,
+    statistics_dtype: Any,
+    preconditioner_dtype: Any,
+) -> Banks:
+    """Zero statistics, identity preconditioners, zero errors and failures for ``slots[key]`` blocks
+    of each block shape (``N_g`` for full banks, ``ceil(N_g / n)`` for sharded ones)."""
+    stats, pres, errs, fails = {}, {}, {}, {}
+    for key, shape in zip(layout.keys, layout.groups):
+        size = slots[key]
+        stats[key] = tuple(storage.encode(jnp.zeros((size, s, s), dtype), statistics_dtype) for s in shape)
+        pres[key] = tuple(
+            storage.encode(jnp.broadcast_to(jnp.eye(s, dtype=dtype), (size, s, s)), preconditioner_dtype)
+            for s in shape
+        )
+        errs[key] = jnp.zeros((size, len(shape)), jnp.float32)
+        fails[key] = jnp.zeros((size, len(shape)), jnp.int32)
+    return Banks(stats, pres, errs, fails)
+
+
+def take_rows(banks: Banks, rows: dict[str, jax.Array | None]) -> Banks:
+    """Rows ``rows[key]`` of every bank (``None``: all of them)."""
+    return Banks(*({key: storage.take(bank[key], rows[key]) for key in bank} for bank in banks))
+
+
+def put_rows(banks: Banks, rows: dict[str, jax.Array | None], own: Banks) -> Banks:
+    """``banks`` with rows ``rows[key]`` replaced by ``own`` (``None``: all of them)."""
+    return Banks(
+        *({key: storage.put(bank[key], rows[key], new[key]) for key in bank} for bank, new in zip(banks, own))
+    )
+
+
+def worker_blocks(
+    layout: blocking.Layout, num_workers: int, index: jax.Array
+) -> tuple[blocking.Assignment | None, dict[str, jax.Array | None]]:
+    """The block assignment over ``num_workers`` and this worker's bank rows per block shape
+    (``None`` for one worker: every row)."""
+    if num_workers == 1:
+        return None, {key: None for key in layout.keys}
+    assignment = blocking.assign_blocks(layout, num_workers)
+    return assignment, {key: jnp.asarray(assignment.tables[key])[index] for key in layout.keys}
+
+
+def gather_directions(
+    channel: Channel, own: dict[str, jax.Array], assignment: blocking.Assignment | None
+) -> dict[str, jax.Array]:
+    r"""Every worker's preconditioned blocks, all-gathered and put back in bank order.
+
+    ``own[key]`` is this worker's ``[c_g, *shape]`` (``c_g = ceil(N_g / n)`` slots, padding
+    included); the result is ``[N_g, *shape]``. Bytes per worker (counted on ``channel``):
+    :math:`(n - 1) \sum_g c_g |block_g| s`.
+    """
+    gathered = channel.all_gather(own)
+    out = {}
+    for key, x in gathered.items():
+        flat = x.reshape((-1, *x.shape[2:]))
+        out[key] = flat if assignment is None else flat[assignment.positions[key]]
+    return out
+
+
+def graft_blocks(directions: dict[str, jax.Array], graft_banks: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    r"""Per block: :math:`P \leftarrow (\|D\|_F / \|P\|_F)\, P`, :math:`D` the grafting direction's block."""
+    return {
+        key: graft_lib.graft(d, graft_banks[key], tuple(range(1, d.ndim))) for key, d in directions.items()
+    }
+
+
+def diagonal_step(
+    stat: jax.Array, grad: jax.Array, do_stats: jax.Array, beta2: float, config: RootConfig
+) -> tuple[jax.Array, jax.Array]:
+    r"""One diagonal-fallback leaf: :math:`d \leftarrow \beta_2 d + (1-\beta_2) g^2` (where ``do_stats``),
+    then :math:`(d + \epsilon)^{-1/p} g`. Returns ``(d in its storage dtype, direction)``."""
+    d = jnp.where(do_stats, accumulate(stat.astype(grad.dtype), grad * grad, beta2), stat.astype(grad.dtype))
+    direction = diagonal_direction(d, grad, config.ridge_epsilon, config.relative_epsilon, config.exponent(1))
+    return d.astype(stat.dtype), direction
+
+
+def _graft_step(graft_tx, updates, graft_state, params, finite, extra_args):
+    """The grafting directions (leaves) and the grafting state, kept unchanged on a non-finite step."""
+    if graft_tx is None:
+        return jax.tree_util.tree_leaves(updates), ()
+    dirs, new_state = graft_tx.update(updates, graft_state, params, **extra_args)
+    new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, graft_state)
+    return jax.tree_util.tree_leaves(dirs), new_state
+
+
+def _leaf_outputs(
+    layout: blocking.Layout,
+    leaves: list[jax.Array],
+    grads: list[jax.Array],
+    graft_dirs: list[jax.Array] | None,
+    block_dirs: list[jax.Array | None],
+    diagonal: tuple[jax.Array, ...],
+    *,
+    do_stats: jax.Array,
+    preconditioning: jax.Array,
+    beta2: float,
+    config: RootConfig,
+    graft_per_block: bool,
+) -> tuple[list[jax.Array], tuple[jax.Array, ...]]:
+    """Each leaf's output: the blocked direction or the diagonal fallback, grafted per leaf where
+    asked, the grafting direction before preconditioning starts; empty leaves pass through.
+
+    ``leaves`` are the incoming updates, ``grads`` the same in the compute dtype, ``graft_dirs`` the
+    grafting directions (None without grafting), ``block_dirs`` from :func:`blocking.from_banks`.
+    Returns the outputs (in the leaves' dtypes) and the new diagonal statistics.
+    """
+    out, new_diag = [], []
+    diag_iter = iter(diagonal)
+    for i, (lay, leaf, g, bl) in enumerate(zip(layout.leaves, leaves, grads, block_dirs)):
+        if lay.empty:
+            out.append(leaf)
+            continue
+        fallback = g if graft_dirs is None else graft_dirs[i].astype(g.dtype)
+        if lay.diagonal:
+            d, direction = diagonal_step(next(diag_iter), g, do_stats, beta2, config)
+            new_diag.append(d)
+        else:
+            direction = bl
+        if graft_dirs is not None and (lay.diagonal or not graft_per_block):
+            direction = graft_lib.graft(direction, fallback)
+        out.append(jnp.where(preconditioning, direction, fallback).astype(leaf.dtype))
+    return out, tuple(new_diag)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """The validated, static settings of one :func:`scale_by_shampoo` transform."""
+
+    block_size: int
+    merge_small_dims: bool
+    max_preconditioner_dim: int
+    beta2: float
+    precondition_every: int
+    start_preconditioning_step: int
+    statistics_every: int
+    graft_tx: optax.GradientTransformationExtraArgs | None
+    graft_per_block: bool
+    roots: RootConfig
+    statistics_dtype: np.dtype | None
+    preconditioner_dtype: np.dtype | None
+    axis_name: AxisName
+    num_workers: int | None
+
+    def layout(self, leaves) -> blocking.Layout:
+        return blocking.make_layout(
+            [tuple(jnp.shape(x)) for x in leaves],
+            self.block_size,
+            self.merge_small_dims,
+            self.max_preconditioner_dim,
+        )
+
+
+def _options(**kw: Any) -> _Options:
+    """Checks :func:`scale_by_shampoo`'s arguments (each error names its argument)."""
+    start = kw["start_preconditioning_step"]
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start_preconditioning_step must be an integer >= 0; got {start!r}.")
+    if kw["root_method"] not in METHODS:
+        raise ValueError(f"root_method must be one of {METHODS}; got {kw['root_method']!r}.")
+    if kw["root_impl"] not in ("auto", "pallas", "xla"):
+        raise ValueError(f"root_impl must be one of ('auto', 'pallas', 'xla'); got {kw['root_impl']!r}.")
+    exponent_override = kw["exponent_override"]
+    if exponent_override is not None:
+        exponent_override = _checks.positive_int(exponent_override, "exponent_override")
+    axis_name = validate_axis_name(kw["axis_name"])
+    num_workers = kw["num_workers"]
+    if num_workers is not None:
+        num_workers = _checks.positive_int(num_workers, "num_workers")
+        if axis_name is None and num_workers > 1:
+            raise ValueError(
+                f"num_workers={num_workers} shards the state over workers, which needs axis_name; "
+                "pass the worker axis (or num_workers=None)."
+            )
+    nonneg = {
+        name: _checks.in_range(kw[name], name, 0.0, float("inf"))
+        for name in ("matrix_epsilon", "graft_epsilon", "root_error_threshold")
+    }
+    graft_tx = graft_lib.grafting_transform(
+        kw["grafting"],
+        _checks.in_range(kw["graft_beta1"], "graft_beta1", 0.0, 1.0),
+        _checks.in_range(kw["graft_beta2"], "graft_beta2", 0.0, 1.0),
+        nonneg["graft_epsilon"],
+    )
+    roots = RootConfig(
+        kw["root_method"],
+        exponent_override,
+        nonneg["matrix_epsilon"],
+        kw["relative_epsilon"],
+        _checks.positive_int(kw["root_max_iters"], "root_max_iters"),
+        kw["root_impl"],
+        nonneg["root_error_threshold"],
+        kw["precision"],
+    )
+    return _Options(
+        block_size=_checks.positive_int(kw["block_size"], "block_size"),
+        merge_small_dims=kw["merge_small_dims"],
+        max_preconditioner_dim=_checks.positive_int(kw["max_preconditioner_dim"], "max_preconditioner_dim"),
+        beta2=_checks.in_range(kw["beta2"], "beta2", 0.0, 1.0, low_open=True),
+        precondition_every=_checks.positive_int(kw["precondition_every"], "precondition_every"),
+        start_preconditioning_step=start,
+        statistics_every=_checks.positive_int(kw["statistics_every"], "statistics_every"),
+        graft_tx=None if graft_tx is None else optax.with_extra_args_support(graft_tx),
+        graft_per_block=kw["graft_per_block"],
+        roots=roots,
+        statistics_dtype=storage.check_dtype(kw["statistics_dtype"], "statistics_dtype"),
+        preconditioner_dtype=storage.check_dtype(kw["preconditioner_dtype"], "preconditioner_dtype"),
+        axis_name=axis_name,
+        num_workers=num_workers,
+    )
+
+
+def _init(opts: _Options, params: Any) -> ShampooState:
+    _checks.check_floating(params, "scale_by_shampoo")
+    leaves = jax.tree_util.tree_leaves(params)
+    layout = opts.layout(leaves)
+    cdt = _compute_dtype(leaves)
+    stat_dt, pre_dt = opts.statistics_dtype or cdt, opts.preconditioner_dtype or cdt
+    if opts.num_workers:
+        tables = blocking.assign_blocks(layout, opts.num_workers).tables
+        slots = {key: tables[key].shape[1] for key in layout.keys}
+    else:
+        slots = dict(zip(layout.keys, layout.group_sizes))
+    banks = init_banks(layout, slots, cdt, stat_dt, pre_dt)
+    diag_dt = cdt if stat_dt in storage.INTEGER_DTYPES else stat_dt
+    diagonal = tuple(jnp.zeros(lay.shape, diag_dt) for lay in layout.leaves if lay.diagonal)
+    graft_state = () if opts.graft_tx is None else opts.graft_tx.init(params)
+    return ShampooState(
+        jnp.zeros((), jnp.int32), *banks, diagonal, graft_state, ByteCounter.zeros(opts.axis_name)
+    )
+
+
+def _update(opts: _Options, updates: Any, state: ShampooState, params: Any = None, **extra_args):
+    _checks.check_same_structure(updates, params, "params")
+    _checks.check_floating(updates, "scale_by_shampoo")
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    layout = opts.layout(leaves)
+    cdt = _compute_dtype(leaves)
+    grads = [x.astype(cdt) for x in leaves]
+    precision = opts.roots.precision
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+    do_stats = finite & (state.count % opts.statistics_every == 0)
+    since_start = state.count - opts.start_preconditioning_step
+    do_refresh = finite & (since_start >= 0) & (since_start % opts.precondition_every == 0)
+    graft_dirs, graft_state = _graft_step(
+        opts.graft_tx, updates, state.graft_state, params, finite, extra_args
+    )
+
+    # This worker's blocks and its rows of the banks (None: the banks hold exactly them).
+    channel = Channel(opts.axis_name, state.bytes_sent)
+    if opts.num_workers is not None and opts.num_workers != channel.size:
+        raise ValueError(
+            f"scale_by_shampoo(num_workers={opts.num_workers}) runs on axis {opts.axis_name!r} of "
+            f"{channel.size} workers: pass num_workers equal to the axis size."
+        )
+    assignment, block_rows = worker_blocks(layout, channel.size, channel.index)
+    rows = {key: None for key in layout.keys} if opts.num_workers else block_rows
+    blocks = {key: storage.take(b, block_rows[key]) for key, b in blocking.to_banks(layout, grads).items()}
+    full = Banks(state.stats, state.preconditioners, state.root_errors, state.root_failures)
+    own = take_rows(full, rows)
+
+    # Gated statistics and root refresh: real branches (also under simulate); nothing is sent inside.
+    def statistics(_, b):
+        new = {k: update_statistics(s, blocks[k], opts.beta2, precision) for k, s in b.stats.items()}
+        return b._replace(stats=new)
+
+    own = channel.cond(do_stats, statistics, lambda _, b: b, own)
+    own = channel.cond(
+        do_refresh, lambda _, b: refresh_preconditioners(b, opts.roots, cdt), lambda _, b: b, own
+    )
+
+    # Precondition this worker's blocks, all-gather the directions, graft, assemble the leaves.
+    own_dirs = {k: precondition_blocks(blocks[k], own.preconditioners[k], precision) for k in layout.keys}
+    dirs = gather_directions(channel, own_dirs, assignment)
+    if opts.graft_tx is not None and opts.graft_per_block:
+        dirs = graft_blocks(dirs, blocking.to_banks(layout, [x.astype(cdt) for x in graft_dirs]))
+    out, diagonal = _leaf_outputs(
+        layout,
+        leaves,
+        grads,
+        None if opts.graft_tx is None else graft_dirs,
+        blocking.from_banks(layout, dirs),
+        state.diagonal,
+        do_stats=do_stats,
+        preconditioning=state.count >= opts.start_preconditioning_step,
+        beta2=opts.beta2,
+        config=opts.roots,
+        graft_per_block=opts.graft_per_block,
+    )
+    new_state = ShampooState(
+        state.count + 1, *put_rows(full, rows, own), diagonal, graft_state, channel.counter
+    )
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
 
 
 def scale_by_shampoo(
@@ -215,260 +682,10 @@ def scale_by_shampoo(
           optax.scale_by_learning_rate(1e-3),
       )
     """
-    block_size = _checks.positive_int(block_size, "block_size")
-    max_preconditioner_dim = _checks.positive_int(max_preconditioner_dim, "max_preconditioner_dim")
-    beta2 = _checks.in_range(beta2, "beta2", 0.0, 1.0, low_open=True)
-    matrix_epsilon = _checks.in_range(matrix_epsilon, "matrix_epsilon", 0.0, float("inf"))
-    if exponent_override is not None:
-        exponent_override = _checks.positive_int(exponent_override, "exponent_override")
-    precondition_every = _checks.positive_int(precondition_every, "precondition_every")
-    statistics_every = _checks.positive_int(statistics_every, "statistics_every")
-    if isinstance(start_preconditioning_step, bool) or not isinstance(start_preconditioning_step, int):
-        raise ValueError(
-            f"start_preconditioning_step must be an integer >= 0; got {start_preconditioning_step!r}."
-        )
-    if start_preconditioning_step < 0:
-        raise ValueError(
-            f"start_preconditioning_step must be an integer >= 0; got {start_preconditioning_step!r}."
-        )
-    graft_epsilon = _checks.in_range(graft_epsilon, "graft_epsilon", 0.0, float("inf"))
-    graft_beta1 = _checks.in_range(graft_beta1, "graft_beta1", 0.0, 1.0)
-    graft_beta2 = _checks.in_range(graft_beta2, "graft_beta2", 0.0, 1.0)
-    if root_method not in METHODS:
-        raise ValueError(f"root_method must be one of {METHODS}; got {root_method!r}.")
-    root_max_iters = _checks.positive_int(root_max_iters, "root_max_iters")
-    if root_impl not in ("auto", "pallas", "xla"):
-        raise ValueError(f"root_impl must be one of ('auto', 'pallas', 'xla'); got {root_impl!r}.")
-    root_error_threshold = _checks.in_range(root_error_threshold, "root_error_threshold", 0.0, float("inf"))
-    statistics_dtype = storage.check_dtype(statistics_dtype, "statistics_dtype")
-    preconditioner_dtype = storage.check_dtype(preconditioner_dtype, "preconditioner_dtype")
-    axis_name = validate_axis_name(axis_name)
-    if num_workers is not None:
-        num_workers = _checks.positive_int(num_workers, "num_workers")
-        if axis_name is None and num_workers > 1:
-            raise ValueError(
-                f"num_workers={num_workers} shards the state over workers, which needs axis_name; "
-                "pass the worker axis (or num_workers=None)."
-            )
-    graft_tx = graft_lib.grafting_transform(grafting, graft_beta1, graft_beta2, graft_epsilon)
-    graft_tx = None if graft_tx is None else optax.with_extra_args_support(graft_tx)
-
-    def layout_of(leaves) -> blocking.Layout:
-        return blocking.make_layout(
-            [tuple(jnp.shape(x)) for x in leaves], block_size, merge_small_dims, max_preconditioner_dim
-        )
-
-    def exponent(order: int) -> int:
-        return exponent_override or 2 * order
-
-    def init_fn(params):
-        leaves = jax.tree_util.tree_leaves(params)
-        layout = layout_of(leaves)
-        cdt = _compute_dtype(leaves)
-        stat_dt = statistics_dtype or cdt
-        pre_dt = preconditioner_dtype or cdt
-        diag_dt = cdt if stat_dt in storage.INTEGER_DTYPES else stat_dt
-        stats, pres, errs, fails = {}, {}, {}, {}
-        shards = blocking.assign_blocks(layout, num_workers) if num_workers else None
-        for shape, size in zip(layout.groups, layout.group_sizes):
-            key = blocking.group_key(shape)
-            size = size if shards is None else shards.tables[key].shape[1]
-            stats[key] = tuple(storage.encode(jnp.zeros((size, s, s), cdt), stat_dt) for s in shape)
-            pres[key] = tuple(
-                storage.encode(jnp.broadcast_to(jnp.eye(s, dtype=cdt), (size, s, s)), pre_dt) for s in shape
-            )
-            errs[key] = jnp.zeros((size, len(shape)), jnp.float32)
-            fails[key] = jnp.zeros((size, len(shape)), jnp.int32)
-        diagonal = tuple(jnp.zeros(lay.shape, diag_dt) for lay in layout.leaves if lay.diagonal)
-        graft_state = () if graft_tx is None else graft_tx.init(params)
-        return ShampooState(
-            jnp.zeros((), jnp.int32),
-            stats,
-            pres,
-            errs,
-            fails,
-            diagonal,
-            graft_state,
-            ByteCounter.zeros(axis_name),
-        )
-
-    def accumulate(old: jax.Array, new: jax.Array) -> jax.Array:
-        if beta2 == 1.0:
-            return old + new
-        return beta2 * old + (1.0 - beta2) * new
-
-    def update_fn(updates, state, params=None, **extra_args):
-        _checks.check_same_structure(updates, params, "params")
-        _checks.check_floating(updates, "scale_by_shampoo")
-        leaves, treedef = jax.tree_util.tree_flatten(updates)
-        layout = layout_of(leaves)
-        count = state.count
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
-        do_stats = finite & (count % statistics_every == 0)
-        since_start = count - start_preconditioning_step
-        do_refresh = finite & (since_start >= 0) & (since_start % precondition_every == 0)
-        preconditioning = count >= start_preconditioning_step
-
-        # Grafting direction (identical on every worker; elementwise).
-        if graft_tx is None:
-            graft_leaves, graft_state = leaves, ()
-        else:
-            graft_dirs, new_graft = graft_tx.update(updates, state.graft_state, params, **extra_args)
-            graft_state = jax.tree_util.tree_map(
-                lambda new, old: jnp.where(finite, new, old), new_graft, state.graft_state
-            )
-            graft_leaves = jax.tree_util.tree_leaves(graft_dirs)
-
-        channel = Channel(axis_name)
-        n = channel.size
-        keys = layout.keys
-        if num_workers is not None and num_workers != n:
-            raise ValueError(
-                f"scale_by_shampoo(num_workers={num_workers}) runs on axis {axis_name!r} of {n} workers: "
-                "pass num_workers equal to the axis size."
-            )
-        assignment = blocking.assign_blocks(layout, n) if n > 1 else None
-        block_rows = {
-            key: (None if assignment is None else jnp.asarray(assignment.tables[key])[channel.index])
-            for key in keys
-        }
-        # Rows of this worker's blocks in the state banks (None: the banks hold exactly them).
-        rows = {key: None for key in keys} if num_workers else block_rows
-        cdt = _compute_dtype(leaves)
-        g32 = [x.astype(cdt) for x in leaves]
-        banks = blocking.to_banks(layout, g32)
-        own = {key: storage.take(banks[key], block_rows[key]) for key in keys}
-
-        # Statistics of this worker's blocks (gated; no collective inside the cond).
-        own_stats = {key: tuple(storage.take(s, rows[key]) for s in state.stats[key]) for key in keys}
-
-        def new_stats(own_stats):
-            return {
-                key: tuple(
-                    storage.encode(
-                        accumulate(storage.decode(s, cdt), _gram(own[key], i, precision)), storage.dtype_of(s)
-                    )
-                    for i, s in enumerate(own_stats[key])
-                )
-                for key in keys
-            }
-
-        own_stats = worker_cond(do_stats, new_stats, lambda s: s, own_stats)
-
-        # Roots of this worker's statistics (gated), with failure fallback.
-        own_pre = {key: tuple(storage.take(s, rows[key]) for s in state.preconditioners[key]) for key in keys}
-        own_err = {key: storage.take(state.root_errors[key], rows[key]) for key in keys}
-        own_fail = {key: storage.take(state.root_failures[key], rows[key]) for key in keys}
-
-        def refresh(args):
-            own_pre, own_err, own_fail = args
-            # One batched root call per (side length, exponent) across all block shapes.
-            batches: dict[tuple[int, int], list[tuple[str, int]]] = {}
-            for key, shape in zip(keys, layout.groups):
-                for i, side in enumerate(shape):
-                    batches.setdefault((side, exponent(len(shape))), []).append((key, i))
-            roots = {}
-            for (_, p), members in batches.items():
-                stats = [storage.decode(own_stats[key][i], cdt) for key, i in members]
-                root, err = matrix_inverse_pth_root(
-                    stats[0] if len(stats) == 1 else jnp.concatenate(stats),
-                    p,
-                    root_method,
-                    ridge_epsilon=matrix_epsilon,
-                    relative_epsilon=relative_epsilon,
-                    max_iters=root_max_iters,
-                    precision=precision,
-                    impl=root_impl,
-                )
-                ok = jnp.isfinite(err) & (err <= root_error_threshold) & jnp.all(jnp.isfinite(root), (-2, -1))
-                start = 0
-                for (key, i), stat in zip(members, stats):
-                    rows = slice(start, start + stat.shape[0])
-                    roots[key, i] = (root[rows], err[rows], ok[rows])
-                    start += stat.shape[0]
-            pre_out, err_out, fail_out = {}, {}, {}
-            for key, shape in zip(keys, layout.groups):
-                parts = [roots[key, i] for i in range(len(shape))]
-                pre_out[key] = tuple(
-                    storage.select(ok, storage.encode(root, storage.dtype_of(old)), old)
-                    for (root, _, ok), old in zip(parts, own_pre[key])
-                )
-                err_out[key] = jnp.stack([e for _, e, _ in parts], axis=1).astype(own_err[key].dtype)
-                fail_out[key] = own_fail[key] + jnp.stack([~ok for _, _, ok in parts], axis=1).astype(
-                    jnp.int32
-                )
-            return pre_out, err_out, fail_out
-
-        own_pre, own_err, own_fail = worker_cond(
-            do_refresh, refresh, lambda args: args, (own_pre, own_err, own_fail)
-        )
-
-        # Precondition this worker's blocks, then all-gather the directions.
-        own_dirs = {}
-        for key in keys:
-            d = own[key]
-            for i, pre in enumerate(own_pre[key]):
-                d = _apply(storage.decode(pre, cdt), d, i, precision)
-            own_dirs[key] = d
-        gathered = channel.all_gather(own_dirs)
-        dirs = {}
-        for key in keys:
-            flat = gathered[key].reshape((-1, *gathered[key].shape[2:]))
-            dirs[key] = flat if assignment is None else flat[assignment.positions[key]]
-
-        if graft_tx is not None and graft_per_block and keys:
-            graft_banks = blocking.to_banks(layout, [x.astype(cdt) for x in graft_leaves])
-            dirs = {
-                key: graft_lib.graft(dirs[key], graft_banks[key], tuple(range(1, dirs[key].ndim)))
-                for key in keys
-            }
-        block_leaves = blocking.from_banks(layout, dirs)
-
-        # Diagonal fallback leaves (identical on every worker).
-        new_diag, out = [], []
-        diag_iter = iter(state.diagonal)
-        for lay, leaf, g, gd, bl in zip(layout.leaves, leaves, g32, graft_leaves, block_leaves):
-            if lay.diagonal:
-                old = next(diag_iter)
-                d = jnp.where(do_stats, accumulate(old.astype(cdt), g * g), old.astype(cdt))
-                new_diag.append(d.astype(old.dtype))
-                ridge = matrix_epsilon * jnp.max(d) if relative_epsilon else matrix_epsilon
-                reg = d + ridge
-                direction = jnp.where(
-                    reg > 0, g * jnp.power(jnp.where(reg > 0, reg, 1.0), -1.0 / exponent(1)), 0.0
-                )
-                per_leaf = graft_tx is not None
-            else:
-                direction = bl
-                per_leaf = graft_tx is not None and not graft_per_block
-            if per_leaf:
-                direction = graft_lib.graft(direction, gd.astype(cdt))
-            direction = jnp.where(preconditioning, direction, gd.astype(cdt))
-            out.append(direction.astype(leaf.dtype))
-
-        stats = {}
-        pres = {}
-        errs = {}
-        fails = {}
-        for key in keys:
-            r = rows[key]
-            stats[key] = tuple(storage.put(s, r, v) for s, v in zip(state.stats[key], own_stats[key]))
-            pres[key] = tuple(storage.put(s, r, v) for s, v in zip(state.preconditioners[key], own_pre[key]))
-            errs[key] = storage.put(state.root_errors[key], r, own_err[key])
-            fails[key] = storage.put(state.root_failures[key], r, own_fail[key])
-        new_state = ShampooState(
-            count + 1,
-            stats,
-            pres,
-            errs,
-            fails,
-            tuple(new_diag),
-            graft_state,
-            state.bytes_sent.add(channel.nbytes),
-        )
-        return jax.tree_util.tree_unflatten(treedef, out), new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    opts = _options(**locals())
+    return optax.GradientTransformationExtraArgs(
+        functools.partial(_init, opts), functools.partial(_update, opts)
+    )
 
 
 def shampoo(
@@ -513,13 +730,15 @@ def shampoo(
     bytes and the non-finite policy). Momentum state is identical across workers.
 
     Args:
-      learning_rate: a scalar or schedule. To inject it, keep every other argument static:
+      learning_rate: a finite number ``> 0`` or a schedule (a callable of the step count). To
+        inject it, keep every other argument static:
         ``optax.inject_hyperparams(optdist.shampoo, static_args=optdist.SHAMPOO_STATIC_ARGS)``.
       block_size: maximum block side.
       momentum: heavy-ball momentum in ``[0, 1)`` (``0`` disables it).
       nesterov: Nesterov momentum.
       weight_decay: decoupled weight decay ``>= 0`` (needs ``params`` in ``update``).
-      weight_decay_mask: optax mask for weight decay.
+      weight_decay_mask: optax mask for weight decay: a tree of booleans with the structure of the
+        parameters (or a prefix of it), or a callable ``params -> mask``; None decays every leaf.
       **others: as :func:`scale_by_shampoo`.
 
     Returns:
@@ -537,9 +756,10 @@ def shampoo(
                                        exponent_override=2, start_preconditioning_step=10,
                                        precondition_every=10, axis_name="data"))
     """
+    kwargs = dict(locals())
     injected = [
         name
-        for name, value in locals().items()
+        for name, value in kwargs.items()
         if name != "learning_rate" and isinstance(value, (jax.Array, np.ndarray))
     ]
     if injected:
@@ -547,42 +767,53 @@ def shampoo(
             f"shampoo's {injected} must be Python values, not arrays. With optax.inject_hyperparams "
             "only the learning rate is injectable: pass static_args=optdist.SHAMPOO_STATIC_ARGS."
         )
-    momentum = _checks.in_range(momentum, "momentum", 0.0, 1.0, high_open=True)
-    weight_decay = _checks.in_range(weight_decay, "weight_decay", 0.0, float("inf"))
-    parts = [
-        scale_by_shampoo(
-            block_size,
-            merge_small_dims=merge_small_dims,
-            max_preconditioner_dim=max_preconditioner_dim,
-            beta2=beta2,
-            matrix_epsilon=matrix_epsilon,
-            relative_epsilon=relative_epsilon,
-            exponent_override=exponent_override,
-            precondition_every=precondition_every,
-            start_preconditioning_step=start_preconditioning_step,
-            statistics_every=statistics_every,
-            grafting=grafting,
-            graft_per_block=graft_per_block,
-            graft_beta1=graft_beta1,
-            graft_beta2=graft_beta2,
-            graft_epsilon=graft_epsilon,
-            root_method=root_method,
-            root_max_iters=root_max_iters,
-            root_impl=root_impl,
-            root_error_threshold=root_error_threshold,
-            precision=precision,
-            statistics_dtype=statistics_dtype,
-            preconditioner_dtype=preconditioner_dtype,
-            axis_name=axis_name,
-            num_workers=num_workers,
+    learning_rate = kwargs.pop("learning_rate")
+    if not callable(learning_rate):  # a schedule is left to optax; a traced (injected) value passes
+        inf = float("inf")
+        learning_rate = _checks.in_range(
+            learning_rate, "learning_rate", 0.0, inf, low_open=True, high_open=True
         )
-    ]
+    momentum = _checks.in_range(kwargs.pop("momentum"), "momentum", 0.0, 1.0, high_open=True)
+    nesterov = kwargs.pop("nesterov")
+    weight_decay = _checks.in_range(kwargs.pop("weight_decay"), "weight_decay", 0.0, float("inf"))
+    weight_decay_mask = kwargs.pop("weight_decay_mask")
+    parts = [scale_by_shampoo(**kwargs)]
     if momentum > 0:
         parts.append(optax.trace(decay=momentum, nesterov=nesterov))
     if weight_decay > 0:
-        parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+        parts.append(
+            _checked_mask(optax.add_decayed_weights(weight_decay, weight_decay_mask), weight_decay_mask)
+        )
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
+
+
+def _checked_mask(tx: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
+    """``tx`` (weight decay under ``mask``) that checks the mask's structure at ``init`` and ``update``."""
+
+    def check(tree: Any, what: str) -> None:
+        if mask is None:
+            return
+        m = mask(tree) if callable(mask) else mask
+        try:
+            jax.tree_util.tree_map(lambda *_: None, m, tree)
+        except (ValueError, TypeError):
+            raise ValueError(
+                "weight_decay_mask must be a tree of booleans with the structure of the parameters (or a "
+                "prefix of it), or a callable params -> such a tree; "
+                f"{'the callable returned' if callable(mask) else 'got'} {jax.tree_util.tree_structure(m)} "
+                f"for {what} of structure {jax.tree_util.tree_structure(tree)}."
+            ) from None
+
+    def init_fn(params):
+        check(params, "params")
+        return tx.init(params)
+
+    def update_fn(updates, state, params=None):
+        check(updates, "updates")
+        return tx.update(updates, state, params)
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 SHAMPOO_STATIC_ARGS: tuple[str, ...] = tuple(
