@@ -72,7 +72,8 @@ def as_aggregator(aggregator: Any, who: str) -> Aggregator:
         hint = (
             " A gradient transformation is not an aggregator: pass the aggregator it is built from, e.g. "
             "optdist.aggregation.compressed(optdist.compressors.top_k(0.01), feedback='ef') instead of "
-            "optdist.compressed_mean(...), or optdist.aggregation.powersgd(4) instead of optdist.powersgd(...)."
+            "optdist.compressed_mean(...), or optdist.aggregation.powersgd(4) instead of "
+            "optdist.powersgd(...)."
         )
     raise TypeError(
         f"{who}: aggregator must be an optdist.aggregation.Aggregator (exact_mean(), compressed(...), "

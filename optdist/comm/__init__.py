@@ -8,6 +8,7 @@ from optdist.comm.accounting import (
     payload_bytes,
     reduce_scatter_bytes,
 )
+from optdist.comm.aggregation import AggregationState, Aggregator, as_transform, exact_mean
 from optdist.comm.axes import (
     AxisName,
     UnboundAxisError,
@@ -17,7 +18,6 @@ from optdist.comm.axes import (
     validate_axis_name,
     worker_index,
 )
-from optdist.comm.aggregation import AggregationState, Aggregator, as_transform, exact_mean
 from optdist.comm.channel import Channel
 from optdist.comm.mean import mean_gradients
 

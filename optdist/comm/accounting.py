@@ -2,11 +2,12 @@
 
 Cost model (bytes one worker *sends*), per array of ``E`` elements of ``s`` bytes over ``n``
 workers, each array of a collective counted on its own (as it appears in the compiled program:
-``lax.psum`` of a tree lowers to one all-reduce operand per array; transforms that want one
-buffer pack it themselves with :func:`optdist.comm.packing.packed`):
+``lax.psum`` of a tree lowers to one all-reduce operand per array; :class:`optdist.comm.Channel`
+packs the small leaves of one all-reduce into one buffer per dtype and counts what it sends):
 
 * all-reduce (``psum``/``pmean``/``pmax``), ring algorithm on the array padded to ``n`` equal
-  chunks: ``2 (n - 1) ceil(E / n) s``; this is ``2 (n-1)/n B`` when ``n`` divides ``E``, and never
+  chunks (the small leaves of one all-reduce, under :data:`PACK_BELOW` elements, travel as one
+  buffer per dtype): ``2 (n - 1) ceil(E / n) s``; this is ``2 (n-1)/n B`` when ``n`` divides ``E``, and never
   under-counts otherwise;
 * all-gather: ``(n - 1) E s`` (each worker forwards every other shard once);
 * reduce-scatter: ``(n - 1) ceil(E / n) s``;
@@ -122,9 +123,29 @@ def _arrays(tree: Any) -> Iterable[tuple[int, int]]:
             yield elems, np.dtype(leaf.dtype).itemsize
 
 
+# Leaves below this many elements share one all-reduce buffer per dtype (ring padding and per-collective
+# latency dominate there; packing a large leaf would only add a copy). Channel follows the same rule.
+PACK_BELOW = 16384
+
+
+def is_packed(leaves: list) -> list[bool]:
+    """Which leaves of one all-reduce travel packed per dtype (the small ones, when two or more are)."""
+    small = [math.prod(jnp.shape(x)) < PACK_BELOW for x in leaves]
+    return small if sum(small) >= 2 else [False] * len(leaves)
+
+
 def all_reduce_bytes(tree: Any, n: int) -> int:
-    """Bytes one worker sends in a ring all-reduce of ``tree`` over ``n`` workers."""
-    return sum(2 * (n - 1) * -(-e // n) * s for e, s in _arrays(tree))
+    """Bytes one worker sends in a ring all-reduce of ``tree`` over ``n`` workers, as
+    :class:`optdist.comm.Channel` sends it: large arrays one by one, small ones packed per dtype."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    flags = is_packed(leaves)
+    arrays = list(_arrays([x for x, f in zip(leaves, flags) if not f]))
+    packed: dict[np.dtype, int] = {}
+    for x, f in zip(leaves, flags):
+        if f:
+            packed[np.dtype(x.dtype)] = packed.get(np.dtype(x.dtype), 0) + math.prod(x.shape)
+    arrays += [(e, dtype.itemsize) for dtype, e in packed.items() if e]
+    return sum(2 * (n - 1) * -(-e // n) * s for e, s in arrays)
 
 
 def reduce_scatter_bytes(tree: Any, n: int) -> int:

@@ -39,7 +39,7 @@ from optdist.comm.axes import (
     worker_index,
 )
 from optdist.comm.branching import worker_switch
-from optdist.comm.packing import ordered_sum
+from optdist.comm.packing import ordered_sum, packed
 
 
 def _gather_row_major(tree: Any, axes: tuple[str, ...]) -> Any:
@@ -178,8 +178,8 @@ class Channel:
             raise _unbound(self.axis_name, err) from None
 
     def psum(self, tree: Any) -> Any:
-        """Sum over workers (ring all-reduce)."""
-        return self._issue(lambda t, axes: _reduce(t, axes, jnp.add, lax.psum), tree, self._ring_bytes(tree))
+        """Sum over workers (ring all-reduce; small leaves packed per dtype, see :meth:`_all_reduce`)."""
+        return self._all_reduce(tree, jnp.add, lax.psum)
 
     def pmean(self, tree: Any) -> Any:
         """Mean over workers (ring all-reduce)."""
@@ -188,12 +188,28 @@ class Channel:
 
     def pmax(self, tree: Any) -> Any:
         """Element-wise max over workers (ring all-reduce)."""
-        return self._issue(
-            lambda t, axes: _reduce(t, axes, jnp.maximum, lax.pmax), tree, self._ring_bytes(tree)
-        )
+        return self._all_reduce(tree, jnp.maximum, lax.pmax)
 
-    def _ring_bytes(self, tree: Any) -> int:
-        return accounting.all_reduce_bytes(tree, self.size)
+    def _all_reduce(self, tree: Any, combine: Any, collective: Any) -> Any:
+        """One all-reduce of ``tree``: small leaves (:func:`~optdist.comm.accounting.is_packed`) travel
+        packed in one buffer per dtype (a scalar alone would cost a whole ring pass), larger ones as
+        they are. Bytes are counted on the arrays actually sent."""
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        flags = accounting.is_packed(leaves)
+        small = [i for i, f in enumerate(flags) if f]
+        large = [i for i, f in enumerate(flags) if not f]
+
+        def reduce(arrays):
+            fn = lambda t, axes: _reduce(t, axes, combine, collective)
+            return self._issue(fn, arrays, accounting.all_reduce_bytes(arrays, self.size))
+
+        out = list(leaves)
+        for i, x in zip(large, reduce([leaves[i] for i in large]) if large else []):
+            out[i] = x
+        if small:
+            for i, x in zip(small, packed(reduce, [leaves[i] for i in small])):
+                out[i] = x
+        return jax.tree_util.tree_unflatten(treedef, out)
 
     def all_gather(self, tree: Any) -> Any:
         """Every worker's ``tree``, stacked on a new leading axis of size ``n``."""

@@ -38,16 +38,21 @@ def test_formulas(n):
     assert ar == expect
     assert accounting.all_gather_bytes(tree, n) == (n - 1) * (30 * 4 + 7 * 2)
     assert accounting.payload_bytes(tree) == 30 * 4 + 7 * 2
-    # Per array, as the compiled program sends them: two float32 leaves are two operands.
+    # Small leaves are packed per dtype: two float32 leaves are one buffer...
     two = {"a": jnp.zeros((3,)), "b": jnp.zeros((5,))}
-    assert accounting.all_reduce_bytes(two, n) == 2 * (n - 1) * (-(-3 // n) + -(-5 // n)) * 4
+    assert accounting.all_reduce_bytes(two, n) == 2 * (n - 1) * -(-8 // n) * 4
+    # ...large ones travel (and are counted) one by one.
+    big = {"a": jnp.zeros((accounting.PACK_BELOW + 1,)), "b": jnp.zeros((5,))}
+    each = -(-(accounting.PACK_BELOW + 1) // n) + -(-5 // n)
+    assert accounting.all_reduce_bytes(big, n) == 2 * (n - 1) * each * 4
 
 
 def test_bytes_sent_filters_by_axis_and_stacks():
     state = (ByteCounter.zeros("ici").add(10), {"x": ByteCounter.zeros("dcn").add(7)})
     assert int(bytes_sent(state)) == 17
     assert int(bytes_sent(state, "dcn")) == 7
-    assert int(bytes_sent(state, "nope")) == 0
+    with pytest.raises(ValueError, match="'dcn', 'ici'"):  # a misspelt axis is not 0 bytes
+        bytes_sent(state, "nope")
     other = (ByteCounter.zeros("ici").add(2**33), {"x": ByteCounter.zeros("dcn").add(1)})
     stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), state, other)
     np.testing.assert_array_equal(bytes_sent(stacked), [17, 2**33 + 1])

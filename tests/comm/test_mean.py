@@ -51,9 +51,11 @@ def test_byte_count_matches_ring_formula(problem, n):
     step = optdist.simulate(make_train_step(tx))
     for _ in range(3):
         params_w, state_w = step(params_w, state_w, optdist.shard_batch(data, n))
-    # One all-reduce operand per leaf (15 and 3 float32), each padded to n chunks.
-    expected = 3 * 2 * (n - 1) * (-(-15 // n) + -(-3 // n)) * 4
+    elems = 5 * 3 + 3  # small leaves: packed into one float32 buffer
+    expected = 3 * 2 * (n - 1) * -(-elems // n) * 4
     np.testing.assert_array_equal(optdist.bytes_sent(state_w), [expected] * n)
+    if n == 8:  # divisible case: exactly 2 (n-1)/n B per step
+        assert expected == 3 * 2 * (n - 1) * (elems * 4 + 6 * 4) // n
 
 
 def test_three_modes_agree_after_several_adam_steps(problem):

@@ -273,7 +273,7 @@ def test_skip_nonfinite_keeps_anchor(data):
 def test_transform_aggregator_top_k_with_error_feedback_matches_reference(data):
     """A stateful aggregator (compressed mean with EF) compresses the pseudo-gradients at syncs only."""
     k, rounds, lr = 2, 3, 0.1
-    agg = optdist.compressed_mean(optdist.compressors.top_k(0.3), "data", feedback="ef")
+    agg = optdist.aggregation.compressed(optdist.compressors.top_k(0.3), feedback="ef")
     tx = outer.local_sgd(optax.sgd(lr), k, "data", aggregator=agg)
     p, s, (_, states) = run(tx, k * rounds + 1, data, record=True)  # one step into round 4
     # float64 reference: top-1 of w's 3 entries with a per-worker residual; b (a scalar) sent exactly.
@@ -293,19 +293,21 @@ def test_transform_aggregator_top_k_with_error_feedback_matches_reference(data):
     # The residual changes at syncs only; bytes = one compressed mean per sync.
     res = np.asarray(states.aggregator_state.error["w"])  # [workers, steps, 3]
     np.testing.assert_array_equal(res[:, k * rounds], res[:, k * rounds - 1])
-    single = optdist.simulate(lambda g, st: agg.update(g, st)[1])(
-        *optdist.replicate((init_params(), agg.init(init_params())), N)
+    as_tx = optdist.comm.as_transform(agg, "data")
+    single = optdist.simulate(lambda g, st: as_tx.update(g, st)[1])(
+        *optdist.replicate((init_params(), as_tx.init(init_params())), N)
     )
     np.testing.assert_array_equal(optdist.bytes_sent(s), np.asarray(optdist.bytes_sent(single)) * rounds)
+    partial = outer.local_sgd(optax.sgd(lr), k, "data", aggregator=agg, num_participants=2)
     with pytest.raises(ValueError, match="participation"):
-        outer.local_sgd(optax.sgd(lr), k, "data", aggregator=agg, num_participants=2)
-    with pytest.raises(TypeError, match="aggregator"):
-        outer.streaming_diloco(1e-3, 8, "data", num_fragments=2, aggregator=agg)
+        run(partial, k, data)
+    with pytest.raises(TypeError, match="aggregator"):  # a transform is not an aggregator
+        outer.local_sgd(optax.sgd(lr), k, "data", aggregator=as_tx)
 
 
 def test_transform_aggregator_three_execution_modes_agree():
     params, data8 = init_params(), jnp.asarray(make_data(8, seed=4), jnp.float32)
-    agg = optdist.compressed_mean(optdist.compressors.top_k(0.3), "data", feedback="ef")
+    agg = optdist.aggregation.compressed(optdist.compressors.top_k(0.3), feedback="ef")
     tx = outer.local_sgd(optax.sgd(0.1), 2, "data", aggregator=agg)
 
     def step(p, s, d):
