@@ -338,3 +338,18 @@ def test_aliases_work_with_inject_hyperparams(data):
         inner=optax.sgd(0.1), sync_every=2, axis_name="data", seed=0
     )
     assert_trees_close(run(sgd, 4, data)[0], run(outer.local_sgd(optax.sgd(0.1), 2, "data"), 4, data)[0])
+
+
+def test_robust_aggregator_trimmed_mean_matches_reference(data):
+    """A robust rule in the sync slot: the anchor moves by the trimmed mean of the pseudo-gradients."""
+    k, rounds, lr = 2, 3, 0.1
+    tx = outer.local_sgd(
+        optax.sgd(lr), k, "data", aggregator=optdist.aggregation.robust(optdist.aggregators.trimmed_mean(1))
+    )
+    p, s, _ = run(tx, k * rounds, data)
+    x = flat(init_params())
+    for _ in range(rounds):
+        deltas = x - np.array(np_local_models(x, data, k, lr))
+        x = x - np.sort(deltas, axis=0)[1:-1].mean(axis=0)  # n = 4, f = 1
+    np.testing.assert_allclose(flat(p), np.tile(x, (N, 1)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(optdist.bytes_sent(s), [rounds * (N - 1) * 4 * 4] * N)  # gather 4 f32

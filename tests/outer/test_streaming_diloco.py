@@ -26,7 +26,8 @@ def test_one_fragment_no_delay_is_diloco(data):
     np.testing.assert_array_equal(optdist.bytes_sent(sa), optdist.bytes_sent(sb))
 
 
-def np_streaming(data, steps, h, frags, delay, alpha, lr, outer_lr=0.7, mu=0.9):
+def np_streaming(data, steps, h, frags, delay, alpha, lr, outer_lr=0.7, mu=0.9, aggregate=None):
+    """float64 Streaming DiLoCo; ``aggregate(p, deltas [n, k]) -> mean`` (default: the exact mean)."""
     n = data.shape[0]
     theta = flat(init_params())
     local = np.tile(theta, (n, 1))
@@ -39,7 +40,8 @@ def np_streaming(data, steps, h, frags, delay, alpha, lr, outer_lr=0.7, mu=0.9):
         for p, idx in enumerate(frags):
             phase = ((p + 1) * stride) % h
             if t % h == phase:
-                delta = theta[idx] - local[:, idx].mean(axis=0)
+                deltas = theta[idx] - local[:, idx]
+                delta = deltas.mean(axis=0) if aggregate is None else aggregate(p, deltas)
                 mom[idx] = mu * mom[idx] + delta
                 theta[idx] = theta[idx] - outer_lr * (delta + mu * mom[idx])
             if t > delay and t % h == (phase + delay) % h:
@@ -90,3 +92,47 @@ def test_streaming_bad_inputs():
     tx = outer.streaming_diloco(0.1, 8, num_fragments=4)
     with pytest.raises(ValueError, match="num_fragments=4 exceeds the 2 parameter leaves"):
         tx.init(init_params())
+
+
+def np_top1_ef(frags):
+    """Per-fragment, per-worker EF residuals of top-1-of-3 (a scalar fragment is sent exactly)."""
+    errors = {}
+
+    def aggregate(p, deltas):
+        if deltas.shape[1] == 1:
+            return deltas.mean(axis=0)
+        pw = deltas + errors.get(p, np.zeros_like(deltas))
+        keep = np.abs(pw) >= np.sort(np.abs(pw), axis=1)[:, -1:]
+        sent = np.where(keep, pw, 0.0)
+        errors[p] = pw - sent
+        return sent.mean(axis=0)
+
+    return aggregate, errors
+
+
+def test_fragments_with_error_feedback_aggregator_match_reference(data):
+    """Each fragment keeps its own EF state; the compressed sync matches a float64 reference."""
+    h, delay, alpha, steps = 4, 1, 0.5, 13
+    agg = optdist.aggregation.compressed(optdist.compressors.top_k(0.3), feedback="ef")
+    tx = outer.streaming_diloco(0.05, h, "data", num_fragments=2, delay=delay, alpha=alpha, aggregator=agg)
+    p, s, _ = run(tx, steps, data)
+    frags = [np.array([0]), np.array([1, 2, 3])]
+    aggregate, errors = np_top1_ef(frags)
+    local, theta = np_streaming(data, steps, h, frags, delay, alpha, 0.05, aggregate=aggregate)
+    np.testing.assert_allclose(flat(p), local, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(flat(s.anchor)[0], theta, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(s.aggregator_states[1].error[0]), errors[1], rtol=2e-5, atol=2e-6)
+    assert np.abs(errors[1]).max() > 0 and not np.allclose(errors[1][0], errors[1][1])  # per worker
+
+
+def test_fragments_with_robust_aggregator_match_reference(data):
+    h, steps = 4, 9
+    rule = optdist.aggregators.median()
+    tx = outer.streaming_diloco(0.05, h, "data", num_fragments=2, aggregator=rule)
+    p, s, _ = run(tx, steps, data)
+    frags = [np.array([0]), np.array([1, 2, 3])]
+    local, theta = np_streaming(data, steps, h, frags, 0, 0.0, 0.05, aggregate=lambda _, d: np.median(d, 0))
+    np.testing.assert_allclose(flat(s.anchor)[0], theta, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(flat(p), local, rtol=2e-5, atol=2e-6)
+    # Bytes: one all-gather of the fragment per sync (b: 1 f32 at t = 2, 6; w: 3 f32 at t = 4, 8).
+    np.testing.assert_array_equal(optdist.bytes_sent(s), [(N - 1) * 4 * (2 * 1 + 2 * 3)] * N)
