@@ -10,7 +10,7 @@ dispatcher argument ``impl="auto"|"pallas"|"xla"`` (see :mod:`optdist_kernels._d
   projection, fused decode + residual write, and small-rank Gram–Schmidt.
 * :func:`batched_inverse_pth_root`: coupled Newton / Newton–Schulz inverse p-th roots of SPD blocks.
 
-Benchmark on a GPU with ``python -m optdist_kernels.bench``.
+Benchmark on a GPU with ``python -m experiments.benchmarks.kernels``.
 """
 
 from optdist_kernels._dispatch import AUTO_BACKENDS, IMPLS

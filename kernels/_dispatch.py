@@ -22,7 +22,7 @@ IMPLS = ("auto", "pallas", "xla")
 # Backends where *these* Pallas kernels were measured faster than their XLA references (kernel name ->
 # platforms). None has been measured yet (no GPU in the session that wrote them; DESIGN.md's 2.41 vs
 # 1.62 TB/s H100 figure was another implementation of the fused EF + int8 quantize). Add a kernel here
-# after ``python -m optdist_kernels.bench`` on that backend shows it ahead and matching XLA.
+# after ``python -m experiments.benchmarks.kernels`` on that backend shows it ahead and matching XLA.
 AUTO_BACKENDS: dict[str, tuple[str, ...]] = {
     "ef_quantize": (),
     "decode_accumulate": (),

@@ -6,22 +6,20 @@ conv kernels) for ``--workers`` simulated workers on the default device, and
 the exact-mean step (:func:`optdist.mean_gradients`) on the same tree in the
 same run. Prints a table and writes JSON to ``--out``.
 
-  python -m optdist.compression.bench --out /tmp/compression_bench.json
-  python -m optdist.compression.bench --small --out /tmp/small.json   # seconds
+  python -m experiments.benchmarks.compression --out /tmp/compression_bench.json
+  python -m experiments.benchmarks.compression --small --out /tmp/small.json   # seconds
 
 Numbers are per step for all simulated workers together; on CPU they measure
 compute only (a simulated collective is a reduction in memory), so they say
 what compression costs, not what it saves on a network — the bytes columns
-say that.
+say that. Timing: median of ``--repeats`` calls after one warm-up (:mod:`.timing`); the JSON is
+rewritten after every row (a run stopped early keeps its rows).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
-import time
 from collections.abc import Callable
 
 import jax
@@ -30,8 +28,9 @@ import numpy as np
 import optax
 
 import optdist
-from optdist import compression
-from optdist.feedback.compressed_mean import compressed_mean
+from experiments.benchmarks.report import Progress, Results, format_header, format_row
+from experiments.benchmarks.timing import describe, machine, seconds_per_call
+from optdist import compressed_mean, compression
 
 
 def resnet50_shapes(
@@ -64,55 +63,61 @@ def resnet50_shapes(
 
 
 def methods() -> dict[str, Callable[[str], optax.GradientTransformation]]:
-    """Name -> factory(axis_name) of the transforms compared."""
-    cm = lambda comp, fb=None: lambda axis: compressed_mean(comp, axis, feedback=fb)
+    """Name -> factory(axis_name) of the transforms compared.
+
+    Compressors are built when a row runs (not here), so a compressor that a refactor renamed or
+    removed fails its own row with its error instead of the whole script.
+    """
+
+    def cm(make_compressor, feedback=None):
+        return lambda axis: compressed_mean(make_compressor(), axis, feedback=feedback)
+
     return {
         "exact_mean": optdist.mean_gradients,
-        "powersgd_r1_ef": cm(compression.powersgd(1), "ef"),
-        "powersgd_r2_ef": cm(compression.powersgd(2), "ef"),
-        "powersgd_r4_ef": cm(compression.powersgd(4), "ef"),
-        "top_k_1%_ef": cm(compression.top_k(0.01), "ef"),
-        "top_k_1%_threshold_ef": cm(compression.top_k(0.01, "threshold"), "ef"),
-        "top_k_1%_ef21": cm(compression.top_k(0.01), "ef21"),
-        "rand_k_1%": cm(compression.rand_k(0.01)),
-        "rand_k_1%_uniform": cm(compression.rand_k(0.01, sampling="uniform")),
-        "qsgd_s127_b512": cm(compression.qsgd(127, 512)),
-        "terngrad": cm(compression.terngrad()),
-        "sign_scaled_ef": cm(compression.sign(), "ef"),
-        "sign_vote": cm(compression.sign(scaled=False)),
-        "cast_bf16": cm(compression.cast(jnp.bfloat16)),
-        "cast_fp8_e4m3": cm(compression.cast(jnp.float8_e4m3fn)),
-        "demo_64_32": cm(compression.demo(64, 32)),
+        "powersgd_r1_ef": cm(lambda: compression.powersgd(1), "ef"),
+        "powersgd_r2_ef": cm(lambda: compression.powersgd(2), "ef"),
+        "powersgd_r4_ef": cm(lambda: compression.powersgd(4), "ef"),
+        "top_k_1%_ef": cm(lambda: compression.top_k(0.01), "ef"),
+        "top_k_1%_threshold_ef": cm(lambda: compression.top_k(0.01, "threshold"), "ef"),
+        "top_k_1%_ef21": cm(lambda: compression.top_k(0.01), "ef21"),
+        "rand_k_1%": cm(lambda: compression.rand_k(0.01)),
+        "rand_k_1%_uniform": cm(lambda: compression.rand_k(0.01, sampling="uniform")),
+        "qsgd_s127_b512": cm(lambda: compression.qsgd(127, 512)),
+        "terngrad": cm(compression.terngrad),
+        "sign_scaled_ef": cm(compression.sign, "ef"),
+        "sign_vote": cm(lambda: compression.sign(scaled=False)),
+        "cast_bf16": cm(lambda: compression.cast(jnp.bfloat16)),
+        "cast_fp8_e4m3": cm(lambda: compression.cast(jnp.float8_e4m3fn)),
+        "demo_64_32": cm(lambda: compression.demo(64, 32)),
         # Kernel-backed compressors on their fused EF path (impl="auto": the XLA reference off GPU).
-        "int8_b256_ef": cm(compression.int8(256), "ef"),
-        "ternary_b256_ef": cm(compression.ternary(256), "ef"),
-        "scaled_sign_b256_ef": cm(compression.scaled_sign(256), "ef"),
-        "threshold_top_k_1%_ef": cm(compression.threshold_top_k(0.01), "ef"),
+        "int8_b256_ef": cm(lambda: compression.int8(256), "ef"),
+        "ternary_b256_ef": cm(lambda: compression.ternary(256), "ef"),
+        "scaled_sign_b256_ef": cm(lambda: compression.scaled_sign(256), "ef"),
+        "threshold_top_k_1%_ef": cm(lambda: compression.threshold_top_k(0.01), "ef"),
     }
 
 
-def _time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+COLUMNS = [
+    ("method", "method", "<24"),
+    ("ms/step", "ms", ">10.1f"),
+    ("x exact", "time_ratio", ">9.2f"),
+    ("MB/worker", "mb_per_worker", ">11.3f"),
+    ("x bytes", "bytes_ratio", ">9.4f"),
+]
 
 
-def _row(r: dict) -> str:
-    return (
-        f"{r['method']:<24}{1e3 * r['seconds']:>10.1f}{r['time_ratio']:>9.2f}"
-        f"{r['bytes_per_worker'] / 1e6:>11.3f}{r['bytes_ratio']:>9.4f}"
-    )
-
-
-def run(small: bool, workers: int, repeats: int, only: list[str] | None = None) -> dict:
+def bench_tree(small: bool) -> dict[str, tuple[int, ...]]:
+    """The benchmark's tree: the ResNet-50 shapes, or (``small``) 1 block per stage at 1/8 width."""
     if small:  # one block per stage at 1/8 width: few leaves, so compiling is quick
         shapes = resnet50_shapes(width_divisor=8, num_classes=100, blocks=(1, 1, 1, 1))
     else:
         shapes = resnet50_shapes()
+    return shapes
+
+
+def run(small: bool, workers: int, repeats: int, only: list[str] | None = None, out: str | None = None):
+    """Times every method (the exact mean first); returns the :class:`Results` payload."""
+    shapes = bench_tree(small)
     params = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
     num_params = sum(math.prod(s) for s in shapes.values())
     key = jax.random.key(0)
@@ -120,47 +125,48 @@ def run(small: bool, workers: int, repeats: int, only: list[str] | None = None) 
         k: jax.random.normal(jax.random.fold_in(key, i), (workers, *s), jnp.float32)
         for i, (k, s) in enumerate(shapes.items())
     }
-    print(
-        f"{num_params / 1e6:.1f}M params, {workers} workers, {jax.default_backend()}, jax {jax.__version__}"
-    )
-    print(f"{'method':<24}{'ms/step':>10}{'x exact':>9}{'MB/worker':>11}{'x bytes':>9}", flush=True)
-    results = []
-    for name, make in methods().items():
-        if only and name not in only and name != "exact_mean":
+    info = machine()
+    config = {"num_params": num_params, "workers": workers, "repeats": repeats, "small": small}
+    results = Results(out, "compression", info, config)
+    print(f"{num_params / 1e6:.1f}M params, {workers} workers, {describe(info)}")
+    print(format_header(COLUMNS), flush=True)
+    chosen = [(n, m) for n, m in methods().items() if not only or n in only or n == "exact_mean"]
+    progress = Progress(len(chosen))
+    base = None
+    for name, make in chosen:
+        try:
+            tx = make("data")
+        except Exception as exc:  # noqa: BLE001 - a compressor that no longer builds fails its row only
+            results.add({"method": name, "error": f"{type(exc).__name__}: {exc}"})
+            print(f"{name:<24}ERROR {type(exc).__name__}: {exc}", flush=True)
+            progress.step(name)
             continue
-        tx = make("data")
         state = optdist.replicate(tx.init(params), workers)
         step = optdist.simulate(lambda g, s, tx=tx: tx.update(g, s, params), "data")
-        seconds = _time(step, grads, state, repeats=repeats)
+        seconds = seconds_per_call(step, grads, state, repeats=repeats)
         _, new_state = step(grads, state)
         sent = int(np.asarray(optdist.bytes_sent(new_state))[0])
-        base = results[0] if results else {"seconds": seconds, "bytes_per_worker": sent}
-        row = {
-            "method": name,
-            "seconds": seconds,
-            "bytes_per_worker": sent,
-            "time_ratio": seconds / base["seconds"],
-            "bytes_ratio": sent / base["bytes_per_worker"],
-        }
-        results.append(row)
-        print(_row(row), flush=True)  # long runs show progress
+        base = base or {"seconds": seconds, "bytes_per_worker": sent}
+        row = results.add(
+            {
+                "method": name,
+                "seconds": seconds,
+                "ms": 1e3 * seconds,
+                "bytes_per_worker": sent,
+                "mb_per_worker": sent / 1e6,
+                "time_ratio": seconds / base["seconds"],
+                "bytes_ratio": sent / base["bytes_per_worker"],
+            }
+        )
+        print(format_row(row, COLUMNS), flush=True)
+        progress.step(name)
         del state, new_state
-    return {
-        "device": str(jax.devices()[0].device_kind),
-        "platform": jax.default_backend(),
-        "cpu": platform.processor() or platform.machine(),
-        "jax": jax.__version__,
-        "num_params": num_params,
-        "workers": workers,
-        "repeats": repeats,
-        "small": small,
-        "results": results,
-    }
+    return results.finish()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="path of the JSON results")
+    parser.add_argument("--out", default=None, help="path of the JSON results (rewritten after each row)")
     parser.add_argument(
         "--small", action="store_true", help="a ~0.1M-parameter, 1-block-per-stage tree (smoke test)"
     )
@@ -168,10 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
     parser.add_argument("--only", nargs="*", help="method names to run (exact_mean always runs)")
     args = parser.parse_args(argv)
-    report = run(args.small, args.workers, args.repeats, args.only)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    return run(args.small, args.workers, args.repeats, args.only, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ Modes: ``simulate`` (``W`` workers under ``vmap`` on one device) and, when there
 
 Usage::
 
-  python -m optdist.decentralized.bench [--small] [--out results.json]
+  python -m experiments.benchmarks.gossip [--small] [--out results.json]
+
+Timing: the least-disturbed of the repeats after a warm-up (:mod:`.timing`, ``reduce="min"``); the
+JSON is rewritten after every row.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import numpy as np
 import optax
 
 import optdist
-from optdist._report import print_rows, write_json
-from optdist.outer.bench import _mlp, _scan_steps, _time
+from experiments.benchmarks.outer_loop import mlp, scan_steps
+from experiments.benchmarks.report import Progress, Results, print_rows
+from experiments.benchmarks.timing import machine, seconds_per_call
 
 
 def methods(axis: str) -> dict[str, optax.GradientTransformation]:
@@ -54,10 +58,10 @@ def methods(axis: str) -> dict[str, optax.GradientTransformation]:
     }
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny model and few steps (smoke test)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None, help="write the results as JSON here (after every row)")
     parser.add_argument("--workers", type=int, default=8)
     args = parser.parse_args(argv)
 
@@ -65,7 +69,7 @@ def main(argv=None) -> list[dict]:
     batch_size, steps, repeats = (8, 5, 2) if args.small else (32, 20, 3)
     w = args.workers
     key = jax.random.key(0)
-    params = _mlp(sizes, key)
+    params = mlp(sizes, key)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     kx, ky = jax.random.split(key)
     batch = (
@@ -75,23 +79,28 @@ def main(argv=None) -> list[dict]:
     modes = ["simulate"] + (
         ["data_parallel"] if jax.device_count() >= w and jax.device_count() % w == 0 else []
     )
-    device = jax.devices()[0].device_kind
-    rows = []
+    info = machine()
+    device = info["device"]
+    config = {"sizes": list(sizes), "batch_size": batch_size, "steps": steps, "repeats": repeats}
+    config.update(workers=w, params=num_params, modes=modes)
+    results = Results(args.out, "gossip", info, config)
+    progress = Progress(len(modes) * (1 + len(methods("data"))))
     for mode in modes:
         base_ms = None
         for name, tx in [("warm_up", methods("data")["exact_mean"]), *methods("data").items()]:
-            run = _scan_steps(tx, steps)
+            run = scan_steps(tx, steps)
             if mode == "simulate":
                 fn = optdist.simulate(run, "data")
             else:
                 fn = optdist.data_parallel(run, jax.make_mesh((w,), ("data",)), "data")
             init = (*optdist.replicate((params, tx.init(params)), w), batch)
-            ms = 1e3 * _time(fn, init, repeats) / steps
+            ms = 1e3 * seconds_per_call(fn, *init, repeats=repeats, reduce="min") / steps
             _, state = fn(*init)
+            progress.step(f"{mode} {name}")
             if name == "warm_up":  # the first timed step of a run is slower (caches, clocks): discard it
                 continue
             base_ms = ms if base_ms is None else base_ms
-            rows.append(
+            results.add(
                 {
                     "mode": mode,
                     "method": name,
@@ -113,9 +122,8 @@ def main(argv=None) -> list[dict]:
         ("bytes/step", "bytes_per_step", ">12d"),
     ]
     title = f"gossip step time vs all-reduce ({w} workers, SGD on a {num_params}-parameter MLP, {device})"
-    print_rows(title, rows, columns)
-    write_json(rows, args.out)
-    return rows
+    print_rows(title, results.rows, columns)
+    return results.finish()
 
 
 if __name__ == "__main__":

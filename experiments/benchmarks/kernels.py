@@ -1,11 +1,12 @@
-"""Kernel benchmark: ``python -m optdist_kernels.bench [--small] [--sizes 2**20,2**26] [--out x.json]``.
+"""Kernel benchmark: ``python -m experiments.benchmarks.kernels [--small] [--sizes 2**20] [--out x.json]``.
 
 For each kernel and size it prints the median time, the achieved bandwidth (bytes of every input read
 once + every output written once, i.e. the ideal traffic) or TFLOP/s, the ratio of the XLA path's time
 to this path's time (``> 1``: faster than XLA) and the achieved bandwidth as a fraction of a measured
 device-to-device elementwise copy in the same run. Also ``lax.top_k`` (1%) against the threshold top-k,
 ``eigh`` against the Newton roots for batches of SPD blocks, and PowerSGD's fused passes (rank 4) on
-``--powersgd`` batches ``BxRxC``. Results go to ``--out`` as JSON.
+``--powersgd`` batches ``BxRxC``. Results go to ``--out`` as JSON, rewritten after every row. Timing:
+median of ``--reps`` calls after two warm-ups (:mod:`.timing`).
 
 GPU numbers come only from a GPU: on CPU the Pallas path runs in interpret mode (``--small`` is a smoke
 run of the script, not a measurement).
@@ -15,34 +16,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from experiments.benchmarks.report import Progress, Results
+from experiments.benchmarks.timing import machine, seconds_per_call
 from optdist_kernels import powersgd, quantize, roots, topk
 
 _GB = 1e9
 
 
-def _time(fn: Callable, *args, reps: int) -> float:
+def _time(fn, *args, reps: int) -> float:
     """Median seconds of ``fn(*args)`` (jitted; compile and one warm-up excluded)."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return seconds_per_call(fn, *args, repeats=reps, warmup=2)
 
 
-def _row(results: list, **row) -> None:
-    results.append(row)
+def _row(results: Results, **row) -> None:
+    results.add(row)
     parts = [f"{row['kernel']:<28}", f"{row['size']:>14}", f"{row['impl']:<8}"]
     if "error" in row:
         parts.append("ERROR " + row["error"][:100])
@@ -88,7 +81,7 @@ def _copy_gbps(n: int, reps: int) -> float:
     return 8 * n / sec / _GB
 
 
-def bench_quantize(results, sizes, reps):
+def bench_quantize(results, sizes, reps, progress):
     for n in sizes:
         copy = _copy_gbps(n, reps)
         _row(results, kernel="copy (-x)", size=n, impl="xla", ms=8 * n / copy / _GB * 1e3, gbps=copy)
@@ -117,6 +110,7 @@ def bench_quantize(results, sizes, reps):
             nbytes = code_bytes + 4 * rows + 8 * n  # read codes, scales, acc; write the sum
             _bench_pair(results, f"decode_accumulate[{scheme}]", n, make, (payload, acc), nbytes, copy, reps)
         del g, e
+        progress.step(f"quantize n={n}")
 
 
 def _exact_topk(g, e, k):
@@ -126,7 +120,7 @@ def _exact_topk(g, e, k):
     return {"values": p[idx], "indices": idx}, p.at[idx].set(0.0)
 
 
-def bench_topk(results, sizes, reps, ratio=0.01):
+def bench_topk(results, sizes, reps, progress, ratio=0.01):
     for n in sizes:
         copy = _copy_gbps(n, reps)
         g = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
@@ -149,9 +143,10 @@ def bench_topk(results, sizes, reps, ratio=0.01):
         except Exception as exc:  # noqa: BLE001
             _row(results, kernel="lax.top_k EF", size=n, impl="xla", error=f"{type(exc).__name__}: {exc}")
         del g, e
+        progress.step(f"top-k n={n}")
 
 
-def bench_powersgd(results, configs, reps, rank=4):
+def bench_powersgd(results, configs, reps, progress, rank=4):
     """PowerSGD's fused passes on ``[B, R, C]`` batches (rank ``r``): EF add + projection, decode +
     residual (ideal traffic: each full-size array read or written once), and Gram–Schmidt."""
     for b, rows, cols in configs:
@@ -174,6 +169,7 @@ def bench_powersgd(results, configs, reps, rank=4):
             results, "powersgd_gram_schmidt", f"{b}x{rows},r{rank}", make, (p,), 2 * small, copy, reps
         )
         del g, e, m
+        progress.step(f"powersgd {size}")
 
 
 def _eigh_root(a, p):
@@ -182,7 +178,7 @@ def _eigh_root(a, p):
     return jnp.matmul(v * w[:, None, :] ** (-1.0 / p), jnp.swapaxes(v, 1, 2), precision=lax.Precision.HIGHEST)
 
 
-def bench_roots(results, configs, reps, p=4, iters=20):
+def bench_roots(results, configs, reps, progress, p=4, iters=20):
     for b, m in configs:
         w = jax.random.normal(jax.random.key(0), (b, m, 2 * m), jnp.float32)
         a = jnp.matmul(w, jnp.swapaxes(w, 1, 2), precision=lax.Precision.HIGHEST) / (2 * m)
@@ -209,6 +205,7 @@ def bench_roots(results, configs, reps, p=4, iters=20):
                 impl="xla",
                 error=f"{type(exc).__name__}: {exc}",
             )
+        progress.step(f"roots {size}")
 
 
 def _parse_sizes(text: str) -> list[int]:
@@ -235,37 +232,30 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--only", default="quantize,topk,roots,powersgd", help="which groups to run")
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--out", default="kernel_bench.json")
+    parser.add_argument("--out", default=None, help="JSON output path (rewritten after every row)")
     args = parser.parse_args(argv)
     if args.small:
         args.sizes, args.topk_sizes, args.roots, args.reps = "4096,20000", "20000", "2x16,2x32", 2
         args.powersgd = "2x40x96"
     only = set(args.only.split(","))
-    results: list = []
-    device = jax.devices()[0]
-    info = {
-        "device": getattr(device, "device_kind", str(device)),
-        "backend": jax.default_backend(),
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-        "interpret": jax.default_backend() != "gpu",
-    }
+    info = {**machine(), "interpret": jax.default_backend() != "gpu"}
+    sizes, topk_sizes = _parse_sizes(args.sizes), _parse_sizes(args.topk_sizes)
+    root_configs = [tuple(int(v) for v in c.split("x")) for c in args.roots.split(",") if c.strip()]
+    psgd_configs = [tuple(int(v) for v in c.split("x")) for c in args.powersgd.split(",") if c.strip()]
+    groups = {"quantize": sizes, "topk": topk_sizes, "roots": root_configs, "powersgd": psgd_configs}
+    config = {name: [str(v) for v in items] for name, items in groups.items() if name in only}
+    results = Results(args.out, "kernels", info, {**config, "reps": args.reps})
     print(json.dumps(info), flush=True)
+    progress = Progress(sum(len(items) for name, items in groups.items() if name in only))
     if "quantize" in only:
-        bench_quantize(results, _parse_sizes(args.sizes), args.reps)
+        bench_quantize(results, sizes, args.reps, progress)
     if "topk" in only:
-        bench_topk(results, _parse_sizes(args.topk_sizes), args.reps)
+        bench_topk(results, topk_sizes, args.reps, progress)
     if "roots" in only:
-        configs = [tuple(int(v) for v in c.split("x")) for c in args.roots.split(",") if c.strip()]
-        bench_roots(results, configs, args.reps)
+        bench_roots(results, root_configs, args.reps, progress)
     if "powersgd" in only:
-        configs = [tuple(int(v) for v in c.split("x")) for c in args.powersgd.split(",") if c.strip()]
-        bench_powersgd(results, configs, args.reps)
-    report = {"info": info, "results": results}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {args.out}")
-    return report
+        bench_powersgd(results, psgd_configs, args.reps, progress)
+    return results.finish()
 
 
 if __name__ == "__main__":

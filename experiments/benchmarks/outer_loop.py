@@ -15,13 +15,15 @@ ratio (outer / bare), measured side by side in one run:
 
 Usage::
 
-  python -m optdist.outer.bench [--small] [--out results.json]
+  python -m experiments.benchmarks.outer_loop [--small] [--out results.json]
+
+Timing: the least-disturbed of 3 calls after a warm-up (:mod:`.timing`, ``reduce="min"``). The
+MLP, its loss and the scanned training step are shared with :mod:`.gossip`.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +32,12 @@ import optax
 from jax import lax
 
 import optdist
-from optdist._report import print_rows, write_json
-from optdist.outer.outer_loop import outer_loop
+from experiments.benchmarks.report import Progress, Results, print_rows
+from experiments.benchmarks.timing import machine, seconds_per_call
 
 
-def _mlp(sizes, key):
+def mlp(sizes, key):
+    """A tanh MLP's parameters ``{"w0", "b0", ...}`` for layer widths ``sizes``."""
     params = {}
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         key, sub = jax.random.split(key)
@@ -43,7 +46,8 @@ def _mlp(sizes, key):
     return params
 
 
-def _loss(params, batch):
+def mlp_loss(params, batch):
+    """Mean squared error of :func:`mlp` on ``batch = (x, y)``."""
     x, y = batch
     n = len(params) // 2
     for i in range(n):
@@ -53,11 +57,13 @@ def _loss(params, batch):
     return jnp.mean((x - y) ** 2)
 
 
-def _scan_steps(tx, steps):
+def scan_steps(tx, steps):
+    """``run(params, state, batch)``: ``steps`` training steps of ``tx`` on one batch, one ``lax.scan``."""
+
     def run(params, state, batch):
         def body(carry, _):
             p, s = carry
-            u, s = tx.update(jax.grad(_loss)(p, batch), s, p)
+            u, s = tx.update(jax.grad(mlp_loss)(p, batch), s, p)
             return (optax.apply_updates(p, u), s), None
 
         return lax.scan(body, (params, state), None, length=steps)[0]
@@ -65,21 +71,10 @@ def _scan_steps(tx, steps):
     return run
 
 
-def _time(fn, args, repeats):
-    out = fn(*args)
-    jax.block_until_ready(out)  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.min(times))  # least-disturbed run
-
-
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny model and few steps (smoke test)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None, help="write the results as JSON here (after every row)")
     parser.add_argument("--workers", type=int, default=8)
     args = parser.parse_args(argv)
 
@@ -89,11 +84,14 @@ def main(argv=None) -> list[dict]:
     repeats = 3
     periods = (1, 10) if args.small else (1, 10, 100)
     key = jax.random.key(0)
-    params = _mlp(sizes, key)
+    params = mlp(sizes, key)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     inner = optax.adamw(1e-3)
-    device = jax.devices()[0].device_kind
-    rows = []
+    info = machine()
+    device = info["device"]
+    config = {"sizes": list(sizes), "batch_size": batch_size, "steps": steps, "repeats": repeats}
+    results = Results(args.out, "outer_loop", info, {**config, "workers": args.workers, "params": num_params})
+    progress = Progress(2 * len(periods))
 
     for mode in ("single", "simulate"):
         w = 1 if mode == "single" else args.workers
@@ -105,18 +103,18 @@ def main(argv=None) -> list[dict]:
         axis = None if mode == "single" else "data"
 
         def build(tx, mode=mode, w=w, batch=batch):
-            run = _scan_steps(tx, steps)
+            run = scan_steps(tx, steps)
             if mode == "single":
                 return jax.jit(run), (params, tx.init(params), jax.tree_util.tree_map(lambda x: x[0], batch))
             return optdist.simulate(run, "data"), (*optdist.replicate((params, tx.init(params)), w), batch)
 
         bare_fn, bare_args = build(inner)
         for h in periods:
-            fn, fargs = build(outer_loop(inner, optax.sgd(0.7, momentum=0.9, nesterov=True), h, axis))
+            fn, fargs = build(optdist.outer_loop(inner, optax.sgd(0.7, momentum=0.9, nesterov=True), h, axis))
             # Bare and outer timed back to back for each H, so drift affects both alike.
-            bare = _time(bare_fn, bare_args, repeats) / steps
-            t = _time(fn, fargs, repeats) / steps
-            rows.append(
+            bare = seconds_per_call(bare_fn, *bare_args, repeats=repeats, reduce="min") / steps
+            t = seconds_per_call(fn, *fargs, repeats=repeats, reduce="min") / steps
+            results.add(
                 {
                     "mode": mode,
                     "workers": w,
@@ -129,6 +127,7 @@ def main(argv=None) -> list[dict]:
                     "backend": jax.default_backend(),
                 }
             )
+            progress.step(f"{mode} H={h}")
 
     columns = [
         ("mode", "mode", "<10"),
@@ -139,10 +138,11 @@ def main(argv=None) -> list[dict]:
         ("ratio", "ratio", ">8.2f"),
     ]
     print_rows(
-        f"outer_loop overhead per inner step (inner AdamW, {num_params} params, {device})", rows, columns
+        f"outer_loop overhead per inner step (inner AdamW, {num_params} params, {device})",
+        results.rows,
+        columns,
     )
-    write_json(rows, args.out)
-    return rows
+    return results.finish()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Shampoo benchmark: step time vs AdamW, and matrix-root time and accuracy per method.
 
-Run ``python -m optdist.preconditioning.bench`` (the issue's configuration: 24 parameters of
+Run ``python -m experiments.benchmarks.shampoo_roots`` (the issue's configuration: 24 parameters of
 2048x2048, block 1024, statistics every step, RMSProp grafting, root block batches 16x1024²,
 64x512², 512x128²) or ``--small`` for a seconds-long smoke run. Prints tables and writes JSON to
 ``--out``.
@@ -11,14 +11,14 @@ donated): ``t_plain`` (statistics + preconditioning + grafting, no root refresh)
 ``((k - 1) t_plain + t_refresh) / k``. ``flop_floor_ms`` is the statistics + preconditioning matmul
 FLOPs (``8 b^3`` per ``b x b`` block) divided by the batched-matmul rate measured at the same
 precision, so ``t_plain / flop_floor_ms`` shows how close the update is to the matmul bound.
+
+Timing: median of the repeats after one warm-up (:mod:`.timing`). The JSON is rewritten after every
+row; each row's ``table`` is ``"steps"`` or ``"roots"``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,21 +28,16 @@ import numpy as np
 import optax
 from jax import lax
 
-from optdist.preconditioning.matrix_roots import matrix_inverse_pth_root
-from optdist.preconditioning.shampoo import scale_by_shampoo
+from experiments.benchmarks.report import Progress, Results
+from experiments.benchmarks.timing import machine, seconds_per_call
+from optdist import matrix_inverse_pth_root, scale_by_shampoo
 
 PRECISIONS = {"highest": lax.Precision.HIGHEST, "default": lax.Precision.DEFAULT}
 
 
 def _time(fn: Callable[[], Any], reps: int) -> float:
-    """Median wall time in ms of ``fn`` (already compiled by one warm-up call)."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """Median wall time in ms of ``fn()`` (one warm-up call compiles it)."""
+    return 1e3 * seconds_per_call(fn, repeats=reps)
 
 
 def _params(num: int, dim: int) -> dict[str, jax.Array]:
@@ -73,7 +68,15 @@ def _matmul_rate(blocks: int, b: int, precision, reps: int) -> float:
     return 2.0 * blocks * b**3 / (ms * 1e-3)
 
 
-def bench_steps(num: int, dim: int, block: int, reps: int, ks: list[int]) -> list[dict[str, Any]]:
+def bench_steps(
+    num: int,
+    dim: int,
+    block: int,
+    reps: int,
+    ks: list[int],
+    results: Results,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
     params = _params(num, dim)
     grads = jax.tree_util.tree_map(lambda p: jax.random.normal(jax.random.key(2), p.shape), params)
     adamw_ms = _update_timer(optax.adamw(1e-3), params, grads, reps, refresh=False)
@@ -103,8 +106,9 @@ def bench_steps(num: int, dim: int, block: int, reps: int, ks: list[int]) -> lis
         floor = 8.0 * blocks * min(block, dim) ** 3 / rate * 1e3
         for k in ks:
             amortized = ((k - 1) * plain + refresh) / k
-            rows.append(
+            row = results.add(
                 dict(
+                    table="steps",
                     config=name,
                     precondition_every=k,
                     shampoo_ms=amortized,
@@ -117,6 +121,9 @@ def bench_steps(num: int, dim: int, block: int, reps: int, ks: list[int]) -> lis
                     matmul_tflops=rate / 1e12,
                 )
             )
+            rows.append(row)
+        if progress is not None:
+            progress.step(f"steps {name}")
     return rows
 
 
@@ -135,37 +142,52 @@ def _reference(a: np.ndarray, p: int, eps: float) -> np.ndarray:
     return np.einsum("...ij,...j,...kj->...ik", v, w ** (-1.0 / p), v)
 
 
+ROOT_CONFIGS = [
+    (m, pn)
+    for m in ("eigh", "coupled_newton", "newton_schulz")
+    for pn in PRECISIONS
+    if (m, pn) != ("eigh", "default")
+]
+
+
 def bench_roots(
-    batches: list[tuple[int, int]], reps: int, p: int = 4, check: int = 2
+    batches: list[tuple[int, int]],
+    reps: int,
+    results: Results,
+    progress: Progress | None = None,
+    p: int = 4,
+    check: int = 2,
 ) -> list[dict[str, Any]]:
     rows = []
     for count, m in batches:
         a_np = _spd_batch(count, m, seed=m)
         ref = _reference(a_np[:check], p, 1e-6)
         a = jnp.asarray(a_np)
-        for method in ("eigh", "coupled_newton", "newton_schulz"):
-            for pname, precision in PRECISIONS.items():
-                if method == "eigh" and pname == "default":
-                    continue
-                fn = jax.jit(
-                    lambda x, method=method, precision=precision: matrix_inverse_pth_root(
-                        x, p, method, precision=precision
-                    )
+        for method, pname in ROOT_CONFIGS:
+            precision = PRECISIONS[pname]
+            fn = jax.jit(
+                lambda x, method=method, precision=precision: matrix_inverse_pth_root(
+                    x, p, method, precision=precision
                 )
-                ms = _time(lambda fn=fn, a=a: fn(a), reps)
-                root, err = fn(a)
-                root = np.asarray(root[:check], np.float64)
-                rel = np.linalg.norm(root - ref, axis=(1, 2)) / np.linalg.norm(ref, axis=(1, 2))
-                rows.append(
-                    dict(
-                        batch=f"{count}x{m}^2",
-                        method=method,
-                        precision=pname,
-                        ms=ms,
-                        residual=float(np.max(np.asarray(err))),
-                        rel_error_vs_f64=float(rel.max()),
-                    )
+            )
+            ms = _time(lambda fn=fn, a=a: fn(a), reps)
+            root, err = fn(a)
+            root = np.asarray(root[:check], np.float64)
+            rel = np.linalg.norm(root - ref, axis=(1, 2)) / np.linalg.norm(ref, axis=(1, 2))
+            row = results.add(
+                dict(
+                    table="roots",
+                    batch=f"{count}x{m}^2",
+                    method=method,
+                    precision=pname,
+                    ms=ms,
+                    residual=float(np.max(np.asarray(err))),
+                    rel_error_vs_f64=float(rel.max()),
                 )
+            )
+            rows.append(row)
+            if progress is not None:
+                progress.step(f"roots {count}x{m}^2 {method} {pname}")
     return rows
 
 
@@ -182,7 +204,7 @@ def _print_table(rows: list[dict[str, Any]], title: str) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="seconds-long smoke configuration")
-    parser.add_argument("--out", default="shampoo_bench.json", help="JSON output path")
+    parser.add_argument("--out", default=None, help="JSON output path (rewritten after every row)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--skip-steps", action="store_true")
     parser.add_argument("--skip-roots", action="store_true")
@@ -193,23 +215,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         num, dim, block, reps = 24, 2048, 1024, args.reps or 10
         batches = [(16, 1024), (64, 512), (512, 128)]
-    device = jax.devices()[0]
-    result: dict[str, Any] = dict(
-        device=f"{device.platform}:{getattr(device, 'device_kind', '')}",
-        jax=jax.__version__,
-        config=dict(num_params=num, dim=dim, block_size=block, grafting="rmsprop", reps=reps),
-    )
-    print(f"device {result['device']}, jax {jax.__version__}, {num} params of {dim}x{dim}, block {block}")
+    info = machine()
+    config = dict(num_params=num, dim=dim, block_size=block, grafting="rmsprop", reps=reps, batches=batches)
+    results = Results(args.out, "shampoo_roots", info, config)
+    print(f"device {info['device']}, jax {info['jax']}, {num} params of {dim}x{dim}, block {block}")
+    total = (0 if args.skip_steps else 4) + (0 if args.skip_roots else len(batches) * len(ROOT_CONFIGS))
+    progress = Progress(total)
     if not args.skip_steps:
-        result["steps"] = bench_steps(num, dim, block, reps, [1, 10, 100])
-        _print_table(result["steps"], "optimizer update: Shampoo vs AdamW (ms, amortized over k)")
+        steps = bench_steps(num, dim, block, reps, [1, 10, 100], results, progress)
+        _print_table(steps, "optimizer update: Shampoo vs AdamW (ms, amortized over k)")
     if not args.skip_roots:
-        result["roots"] = bench_roots(batches, reps)
-        _print_table(result["roots"], "inverse 4th roots per method")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"\nwrote {args.out}")
-    return result
+        roots = bench_roots(batches, reps, results, progress)
+        _print_table(roots, "inverse 4th roots per method")
+    return results.finish()
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ step, momentum 0.9, roots by ``root_method="auto"``.
 
   python -m experiments.benchmarks.shampoo_step --small                       # CPU smoke
   python -m experiments.benchmarks.shampoo_step --out shampoo_lm_h100.json    # ~110M params (GPU)
+
+Timing: the best of ``--repeats`` calls after a warm-up (:mod:`.timing`, ``reduce="min"``); the JSON
+is rewritten after every row.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from types import SimpleNamespace
 
 import jax
@@ -24,18 +25,10 @@ from jax import lax
 
 import optdist
 from experiments import models
+from experiments.benchmarks.report import Progress, Results
+from experiments.benchmarks.timing import machine, seconds_per_call
 
 PRECISIONS = {"highest": lax.Precision.HIGHEST, "default": lax.Precision.DEFAULT}
-
-
-def _best_time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def measure(args) -> dict:
@@ -70,14 +63,17 @@ def measure(args) -> dict:
             holder["p"], holder["s"] = run(holder["p"], holder["s"])
             return holder["p"]
 
-        return 1e3 * _best_time(call, repeats=args.repeats) / args.steps
+        return 1e3 * seconds_per_call(call, repeats=args.repeats, reduce="min") / args.steps
 
-    precision = PRECISIONS[args.precision]
-    adamw = per_step_ms(optax.adamw(1e-3, weight_decay=1e-4))
-    rows = []
     for every in args.every:
         if args.steps % every:
             raise ValueError(f"--steps={args.steps} must be a multiple of each --every value ({every}).")
+    precision = PRECISIONS[args.precision]
+    results = Results(args.out, "shampoo_step", machine(), {**vars(args), "num_params": int(num_params)})
+    progress = Progress(1 + len(args.every))
+    adamw = per_step_ms(optax.adamw(1e-3, weight_decay=1e-4))
+    progress.step("adamw")
+    for every in args.every:
         tx = optdist.shampoo(
             1e-3,
             block_size=args.block,
@@ -89,15 +85,9 @@ def measure(args) -> dict:
             precision=precision,
         )
         ms = per_step_ms(tx)
-        rows.append({"precondition_every": every, "shampoo_ms": ms, "adamw_ms": adamw, "ratio": ms / adamw})
-    device = jax.devices()[0]
-    return {
-        "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
-        "jax": jax.__version__,
-        "num_params": int(num_params),
-        "config": vars(args),
-        "rows": rows,
-    }
+        results.add({"precondition_every": every, "shampoo_ms": ms, "adamw_ms": adamw, "ratio": ms / adamw})
+        progress.step(f"shampoo every {every}")
+    return results.finish()
 
 
 def main(argv=None) -> dict:
@@ -114,21 +104,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--every", type=lambda s: [int(v) for v in s.split(",")], default=[10, 100])
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="default")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="JSON output path (rewritten after every row)")
     args = parser.parse_args(argv)
     if args.small:
         args.dim, args.heads, args.layers, args.vocab, args.seq, args.batch = 64, 4, 2, 128, 64, 16
         args.block, args.steps, args.every = 128, 20, [1, 10, 20]
     result = measure(args)
-    print(f"device {result['device']}, jax {result['jax']}, {result['num_params'] / 1e6:.1f}M parameters")
+    info, num_params = result["machine"], result["config"]["num_params"]
+    print(f"device {info['device']}, jax {info['jax']}, {num_params / 1e6:.1f}M parameters")
     print(f"{'refresh every':>13} {'Shampoo ms/step':>16} {'AdamW ms/step':>14} {'ratio':>6}")
     for r in result["rows"]:
         every, ms, adamw = r["precondition_every"], r["shampoo_ms"], r["adamw_ms"]
         print(f"{every:>13} {ms:>16.2f} {adamw:>14.2f} {r['ratio']:>6.2f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
     return result
 
 

@@ -6,13 +6,14 @@ run; the ratio is the cost of simulating N workers (per-worker optimizer
 state and updates, the mean's collective lowered to a reduction).
 
   python -m experiments.benchmarks.simulate_overhead [--workers 8] [--batch 16] [--out results.json]
+
+Timing: the best of 3 samples, each the mean of ``--repeats`` back-to-back calls, after a warm-up
+(:mod:`.timing`, ``number=repeats, reduce="min"``); the JSON is rewritten after every row.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import time
 from types import SimpleNamespace
 
 import jax
@@ -20,20 +21,12 @@ import optax
 
 import optdist
 from experiments import models
-from optdist._report import print_rows, write_json
+from experiments.benchmarks.report import Progress, Results, print_rows
+from experiments.benchmarks.timing import describe, machine, seconds_per_call
 
 
 def _time(fn, *args, repeats: int) -> float:
-    out = fn(*args)
-    jax.block_until_ready(out)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return best
+    return seconds_per_call(fn, *args, repeats=3, number=repeats, reduce="min")
 
 
 def measure(model: str, workers: int, batch: int, steps: int, repeats: int) -> dict:
@@ -84,17 +77,22 @@ def measure(model: str, workers: int, batch: int, steps: int, repeats: int) -> d
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="mlp,transformer")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    device = jax.devices()[0]
-    rows = [measure(m, args.workers, args.batch, args.steps, args.repeats) for m in args.models.split(",")]
+    parser.add_argument("--out", default=None, help="JSON output path (rewritten after every row)")
+    args = parser.parse_args(argv)
+    info = machine()
+    results = Results(args.out, "simulate_overhead", info, vars(args))
+    names = args.models.split(",")
+    progress = Progress(len(names))
+    for name in names:
+        results.add(measure(name, args.workers, args.batch, args.steps, args.repeats))
+        progress.step(name)
     columns = [
         ("model", "model", "<12"),
         ("workers", "workers", ">8"),
@@ -102,11 +100,8 @@ def main() -> None:
         ("1x big ms/step", "single_big_batch_step_ms", ">16.3f"),
         ("ratio", "ratio", ">8.2f"),
     ]
-    title = (
-        f"device: {device.device_kind} ({platform.processor() or platform.machine()}), jax {jax.__version__}"
-    )
-    print_rows(title, rows, columns)
-    write_json({"device": str(device), "jax": jax.__version__, "rows": rows}, args.out)
+    print_rows(f"device: {describe(info)}", results.rows, columns)
+    return results.finish()
 
 
 if __name__ == "__main__":

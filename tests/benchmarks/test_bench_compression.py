@@ -3,7 +3,7 @@
 import json
 import math
 
-from optdist.compression import bench
+from experiments.benchmarks import compression as bench
 
 
 def test_resnet50_tree_has_resnet50_size():
@@ -18,9 +18,10 @@ def test_bench_smoke(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench.json"
     bench.main(["--small", "--repeats", "1", "--only", "sign_scaled_ef", "--out", str(out)])
     report = json.loads(out.read_text())
-    assert [r["method"] for r in report["results"]] == ["exact_mean", "sign_scaled_ef"]
-    exact, sign = report["results"]
+    assert report["complete"] is True
+    assert [r["method"] for r in report["rows"]] == ["exact_mean", "sign_scaled_ef"]
+    exact, sign = report["rows"]
     assert exact["time_ratio"] == 1.0 and exact["bytes_ratio"] == 1.0
-    assert report["num_params"] == 3 * 3 * 4 * 8 + 32 * 10 + 10
+    assert report["config"]["num_params"] == 3 * 3 * 4 * 8 + 32 * 10 + 10
     assert 0 < sign["bytes_ratio"] < 0.1  # ~1 bit per entry; the 10-vector is 1/63 of the tree
     assert "sign_scaled_ef" in capsys.readouterr().out

@@ -2,7 +2,7 @@
 
 import json
 
-from optdist.decentralized import bench
+from experiments.benchmarks import gossip as bench
 
 
 def test_bench_smoke(tmp_path, capsys, monkeypatch):
@@ -11,8 +11,9 @@ def test_bench_smoke(tmp_path, capsys, monkeypatch):
         bench, "methods", lambda axis: {k: everything(axis)[k] for k in ("exact_mean", "dsgd_ring")}
     )
     out = tmp_path / "gossip.json"
-    rows = bench.main(["--small", "--out", str(out)])
-    assert json.loads(out.read_text()) == rows
+    report = bench.main(["--small", "--out", str(out)])
+    assert json.loads(out.read_text()) == report and report["complete"] is True
+    rows = report["rows"]
     assert [(r["mode"], r["method"]) for r in rows] == [
         (mode, m) for mode in ("simulate", "data_parallel") for m in ("exact_mean", "dsgd_ring")
     ]
