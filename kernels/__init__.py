@@ -1,7 +1,9 @@
 """Pallas kernels for optdist's hot paths, installed as ``optdist_kernels``.
 
 Every kernel has a pure-JAX reference with identical semantics, which is also its XLA fallback, and a
-dispatcher argument ``impl="auto"|"pallas"|"xla"`` (see :mod:`optdist_kernels._dispatch`):
+dispatcher argument ``impl="auto"|"pallas"|"xla"`` (:data:`IMPLS`), decided in one place,
+:func:`resolve_impl` (``"auto"``: the kernel only on the backends :data:`AUTO_BACKENDS` lists for it,
+where it was measured faster, and only if it compiles for the shapes; else the XLA reference):
 
 * :func:`ef_quantize` / :func:`decode_accumulate`: fused error feedback + bucketed int8 / ternary /
   scaled-sign quantization with bit packing, and the fused decode + accumulate.
@@ -10,10 +12,11 @@ dispatcher argument ``impl="auto"|"pallas"|"xla"`` (see :mod:`optdist_kernels._d
   projection, fused decode + residual write, and small-rank Gram–Schmidt.
 * :func:`batched_inverse_pth_root`: coupled Newton / Newton–Schulz inverse p-th roots of SPD blocks.
 
-Benchmark on a GPU with ``python -m experiments.benchmarks.kernels``.
+Benchmark on a GPU with ``python -m experiments.benchmarks.kernels``. Library code imports only the names
+below (never ``optdist_kernels._dispatch``).
 """
 
-from optdist_kernels._dispatch import AUTO_BACKENDS, IMPLS
+from optdist_kernels._dispatch import AUTO_BACKENDS, IMPLS, KERNELS, next_pow2, resolve_impl
 from optdist_kernels.powersgd import decode_residual, ef_project, gram_schmidt
 from optdist_kernels.quantize import decode_accumulate, ef_quantize
 from optdist_kernels.roots import batched_inverse_pth_root
@@ -22,6 +25,7 @@ from optdist_kernels.topk import ef_threshold_topk
 __all__ = [
     "AUTO_BACKENDS",
     "IMPLS",
+    "KERNELS",
     "batched_inverse_pth_root",
     "decode_accumulate",
     "decode_residual",
@@ -29,4 +33,6 @@ __all__ = [
     "ef_quantize",
     "ef_threshold_topk",
     "gram_schmidt",
+    "next_pow2",
+    "resolve_impl",
 ]

@@ -1,4 +1,4 @@
-"""Shared machinery: the ``impl`` switch with a never-failing ``"auto"``, poisoned outputs, seeds.
+"""Shared machinery: the one ``impl`` switch (:func:`resolve_impl`), poisoned outputs, seeds.
 
 ``impl="xla"`` runs the pure-JAX reference. ``impl="pallas"`` runs the Pallas kernel, compiled for the
 default backend on GPU and in interpret mode elsewhere (CPU testing). ``impl="auto"`` runs the compiled
@@ -6,6 +6,10 @@ Pallas kernel only on a backend listed for that kernel in :data:`AUTO_BACKENDS` 
 faster) *and* only if lowering + compiling it for those exact shapes succeeded (checked once per
 signature, abstractly, so it also works inside an outer ``jit``); in every other case it runs the XLA
 reference. So ``"auto"`` never fails because a kernel cannot lower.
+
+:func:`resolve_impl` is the only place that validates an ``impl`` value and decides Pallas vs XLA
+from it; :func:`dispatch` (every kernel entry point) and the library's callers that choose between a
+kernel and their own code (PowerSGD's shape limits, the matrix roots) go through it.
 """
 
 from __future__ import annotations
@@ -34,15 +38,55 @@ AUTO_BACKENDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def check_impl(impl: Any) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}.")
-    return impl
+KERNELS = tuple(AUTO_BACKENDS)  # the kernel names ``resolve_impl`` accepts
 
 
-def prefers_pallas(name: str) -> bool:
-    """Whether ``impl="auto"`` would pick kernel ``name``'s Pallas path on the default backend."""
-    return jax.default_backend() in AUTO_BACKENDS.get(name, ())
+def resolve_impl(
+    impl: Any,
+    kernel: str | None = None,
+    *,
+    backend: str | None = None,
+    unsupported: str | None = None,
+    param: str = "impl",
+) -> str:
+    """Which implementation ``impl`` selects: ``"pallas"`` or ``"xla"`` (the one decision, module doc).
+
+    * ``"xla"`` is ``"xla"``; ``"pallas"`` is ``"pallas"``.
+    * ``"auto"`` is ``"pallas"`` only where ``backend`` (default: JAX's default backend) is listed for
+      ``kernel`` in :data:`AUTO_BACKENDS`, else ``"xla"`` (also for ``kernel=None``: nothing listed).
+      :func:`dispatch` additionally falls back to XLA when the kernel does not compile for the shapes.
+    * ``unsupported``: why the kernel cannot take these inputs (None: it can). Then ``"auto"`` and
+      ``"xla"`` give ``"xla"`` and ``"pallas"`` raises a ``ValueError`` quoting the reason.
+
+    Args:
+      impl: ``"auto"``, ``"pallas"`` or ``"xla"`` (:data:`IMPLS`).
+      kernel: a kernel name of :data:`KERNELS`, or None.
+      backend: the platform to decide for (``"cpu"``, ``"gpu"``, ``"tpu"``), default the default backend.
+      unsupported: a reason the kernel cannot run these inputs, or None.
+      param: the caller's parameter name, for error messages (e.g. ``"root_impl"``).
+
+    Returns:
+      ``"pallas"`` or ``"xla"``.
+
+    Example::
+
+      if resolve_impl(impl, "ef_quantize") == "pallas": ...
+    """
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"{param} must be one of {IMPLS}; got {impl!r}.")
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS} or None; got {kernel!r}.")
+    if unsupported is not None:
+        if impl == "pallas":
+            raise ValueError(
+                f"{param}='pallas': {unsupported}. Use {param}='auto' (falls back to XLA where the "
+                f"kernel cannot run) or {param}='xla'."
+            )
+        return "xla"
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend() if backend is None else backend
+    return "pallas" if backend in AUTO_BACKENDS.get(kernel, ()) else "xla"
 
 
 def interpret_mode() -> bool:
@@ -70,14 +114,11 @@ def dispatch(name: str, impl: str, pallas_fn: functools.partial, xla_fn: Callabl
     ``pallas_fn`` is a module-level function, or a ``functools.partial`` of one with hashable keyword
     arguments, so the compile check of ``"auto"`` is cached per (function, keywords, shapes, backend).
     """
-    check_impl(impl)
-    if impl == "xla":
+    backend = jax.default_backend()
+    if resolve_impl(impl, name, backend=backend) == "xla":
         return xla_fn(*args)
     if impl == "pallas":
         return pallas_fn(*args, interpret=interpret_mode())
-    backend = jax.default_backend()
-    if backend not in AUTO_BACKENDS.get(name, ()):
-        return xla_fn(*args)
     specs = tuple(jax.tree_util.tree_map(_spec, a) for a in args)
     func, keywords = pallas_fn, {}
     if isinstance(pallas_fn, functools.partial):

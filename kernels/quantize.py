@@ -330,7 +330,9 @@ def decode_accumulate(
     """Fused decode + accumulate for the receive side: ``acc + D(payload)`` (flat, float32).
 
     Args:
-      payload: ``{"codes", "scales"}`` from :func:`ef_quantize` with the same ``scheme``/``bucket_size``.
+      payload: ``{"codes", "scales"}`` from :func:`ef_quantize` with the same ``scheme``/``bucket_size``,
+        with the kernel's padding rows or trimmed to the ``ceil(d / bucket_size)`` real buckets (what
+        a sender transmits; the padding rows are zeros and are restored here).
       acc: the running sum (its size is the decoded length ``d``); pass zeros for a plain decode.
       scheme: ``"int8"``, ``"ternary"`` or ``"sign"``.
       bucket_size: as in :func:`ef_quantize`.
@@ -342,10 +344,14 @@ def decode_accumulate(
     cfg = Config(scheme, "nearest", "max", 127, bucket_size)
     rows, _ = layout(acc.size, bucket_size)
     codes, scales = payload["codes"], payload["scales"]
+    buckets = max(1, -(-acc.size // bucket_size))
+    if codes.shape == (buckets, cfg.width) and scales.shape == (buckets,) and buckets < rows:
+        codes = jnp.pad(codes, ((0, rows - buckets), (0, 0)))  # trimmed payload: zero padding rows
+        scales = jnp.pad(scales, (0, rows - buckets))
     if codes.shape != (rows, cfg.width) or scales.shape != (rows,):
         raise ValueError(
             f"payload shapes {codes.shape}/{scales.shape} do not match acc of size {acc.size} "
-            f"(expected ({rows}, {cfg.width})/({rows},))."
+            f"(expected ({rows}, {cfg.width})/({rows},), or ({buckets}, {cfg.width})/({buckets},) trimmed)."
         )
     return _dispatch.dispatch(
         "decode_accumulate",
