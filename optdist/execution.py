@@ -235,10 +235,10 @@ def data_parallel(
     Results equal :func:`simulate`'s up to the rounding of all-reduces, not bit for bit:
     the same sum is formed in a different order. Under :func:`simulate` ``psum`` over the
     ``vmap`` axis is one XLA reduction whose association XLA:CPU picks per shape (worker
-    order for small leaves, blocked for larger ones; worker order for leaves of 32768+
-    elements, see :mod:`optdist.comm.channel`); here each device first sums its ``k``
+    order for small leaves, blocked for larger ones; on CPU, worker order for leaves of
+    32768+ elements, see :mod:`optdist.comm.channel`); here each device first sums its ``k``
     workers, then the all-reduce combines the devices' partial sums (in device order on
-    XLA:CPU; NCCL's ring order on GPU). Each order is within
+    XLA:CPU; in the order of the backend's all-reduce algorithm elsewhere). Each order is within
     :math:`\gamma_{n-1} \sum_i |x_i|` (:math:`\gamma_m = m u / (1 - m u)`, ``u`` the unit
     roundoff, :math:`2^{-24}` for float32) of the exact sum, so one all-reduce of ``n``
     workers differs between the modes by at most :math:`2 \gamma_{n-1} \sum_i |x_i|` per

@@ -244,6 +244,8 @@ def byzantine(
         raise ValueError("Pass exactly one of num_byzantine (first f workers) or mask (one bool per worker).")
     if num_byzantine is not None:
         num_byzantine = int(_checks.in_range(num_byzantine, "num_byzantine", 0, float("inf")))
+    if mask is not None and np.asarray(mask, dtype=bool).all():
+        _static_mask(None, mask, np.size(mask))  # all Byzantine: raises now (the worker count is known)
     axis_name = validate_axis_name(axis_name)
     seed = int(seed)
 
