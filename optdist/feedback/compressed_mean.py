@@ -153,13 +153,15 @@ def _validate(compressor: Any, feedback: Any, econtrol_eta: Any, seed: Any) -> f
     return _checks.in_range(econtrol_eta, "econtrol_eta", 0.0, 1.0)
 
 
-def _feedback_step(compressor, feedback, eta, updates, state, key, channel):
+def _feedback_step(compressor, feedback, eta, decay, updates, state, key, channel):
     """One step of the feedback rule: ``(output, aggregate, error, local_h, shared_h)``."""
 
     def aggregate(x):
         return compressor.aggregate(x, state.compressor, key, state.count, channel)
 
     error, local_h, shared_h = state.error, state.local_h, state.shared_h
+    if feedback == "ef" and decay != 1.0:
+        error = jax.tree_util.tree_map(lambda e: decay * e, error)
     if feedback is None:
         agg = aggregate(updates)
         return agg.mean, agg, error, local_h, shared_h
@@ -182,7 +184,12 @@ def _feedback_step(compressor, feedback, eta, updates, state, key, channel):
 
 
 def compressed(
-    compressor: Compressor, feedback: str | None = None, *, econtrol_eta: float = 0.1, seed: int = 0
+    compressor: Compressor,
+    feedback: str | None = None,
+    *,
+    econtrol_eta: float = 0.1,
+    error_decay: float = 1.0,
+    seed: int = 0,
 ) -> Aggregator:
     r"""The :class:`~optdist.comm.Aggregator` of a compressor with optional error feedback.
 
@@ -195,6 +202,9 @@ def compressed(
       compressor: a :class:`optdist.compression.Compressor`.
       feedback: None, ``"ef"``, ``"ef21"`` or ``"econtrol"``.
       econtrol_eta: EControl's feedback strength :math:`\eta` in ``[0, 1]``.
+      error_decay: :math:`\beta` in ``[0, 1]``, ``feedback="ef"`` only: the residual decays before it
+        is added, :math:`p_i = g_i + \beta e_i` (SparseLoCo's decayed accumulator, which stands in
+        for the outer momentum); 1 is plain EF.
       seed: seed of the shared per-step keys.
 
     Returns:
@@ -203,6 +213,9 @@ def compressed(
       their own, not implemented yet): it raises if given them.
     """
     eta = _validate(compressor, feedback, econtrol_eta, seed)
+    decay = _checks.in_range(error_decay, "error_decay", 0.0, 1.0)
+    if decay != 1.0 and feedback != "ef":
+        raise ValueError(f"error_decay applies to feedback='ef' only; got feedback={feedback!r}.")
     has_error = feedback in ("ef", "econtrol")
     has_h = feedback in ("ef21", "econtrol")
 
@@ -225,7 +238,7 @@ def compressed(
         _checks.check_same_structure(updates, state.error if has_error else state.local_h, "the state")
         key = jax.random.fold_in(jax.random.key(seed), state.count)
         out, agg, error, local_h, shared_h = _feedback_step(
-            compressor, feedback, eta, updates, state, key, channel
+            compressor, feedback, eta, decay, updates, state, key, channel
         )
         guarded = _guard(
             (state.compressor, state.error, state.local_h, state.shared_h),

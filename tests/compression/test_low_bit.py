@@ -1,0 +1,154 @@
+"""Low-bit codecs: exact round trip on the grid, unbiasedness, packed bytes, SparseLoCo's codec."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optdist
+from optdist import compressors
+from optdist.comm import Channel
+from optdist.compression.low_bit import grid_levels, pack_codes, unpack_codes
+
+N = 4
+
+
+def _one_worker(comp, x, key=0):
+    """(mean, local) of one worker's encode/decode (no communication)."""
+    agg = comp.aggregate({"x": x}, comp.init({"x": x}), jax.random.key(key), 0, Channel(None))
+    return agg.mean["x"], agg.local["x"]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 12])
+def test_pack_codes_round_trip(bits):
+    codes = jax.random.randint(jax.random.key(bits), (37,), 0, 2**bits)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == jnp.uint8 and packed.size == math.ceil(37 * bits / 8)
+    np.testing.assert_array_equal(unpack_codes(packed, 37, bits), codes)
+
+
+@pytest.mark.parametrize(
+    "bits, grid", [(8, "symmetric"), (4, "symmetric"), (4, "e2m1"), (2, "uniform"), (2, "symmetric")]
+)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_values_on_the_grid_round_trip_exactly(bits, grid, rounding):
+    levels = grid_levels(bits, grid)
+    chunk = 16
+    rng = np.random.default_rng(0)
+    scales = np.array([2.0, 0.5, 3.0])
+    codes = rng.integers(0, len(levels), (3, chunk))
+    codes[:, 0] = len(levels) - 1  # the max sets each chunk's scale
+    x = (levels[codes] * scales[:, None]).reshape(-1).astype(np.float32)
+    comp = compressors.quantize(bits, grid, chunk_size=chunk, rounding=rounding)
+    _, local = _one_worker(comp, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(local), x, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bits, grid", [(8, "symmetric"), (4, "e2m1"), (2, "uniform")])
+def test_stochastic_rounding_is_unbiased(bits, grid):
+    x = jax.random.normal(jax.random.key(1), (64,))
+    comp = compressors.quantize(bits, grid, chunk_size=16)
+    trials = 4000
+    decode = jax.jit(jax.vmap(lambda k: _one_worker_key(comp, x, k)))
+    samples = np.asarray(decode(jax.random.split(jax.random.key(2), trials)), np.float64)
+    mean, se = samples.mean(0), samples.std(0) / np.sqrt(trials)
+    assert np.all(np.abs(mean - np.asarray(x)) <= 5 * se + 1e-6)
+    assert samples.std(0).max() > 0  # really stochastic
+
+
+def _one_worker_key(comp, x, key):
+    agg = comp.aggregate({"x": x}, (), key, 0, Channel(None))
+    return agg.local["x"]
+
+
+def test_nearest_rounding_error_is_half_a_step():
+    x = jax.random.normal(jax.random.key(3), (256,))
+    comp = compressors.quantize(4, "symmetric", chunk_size=64, rounding="nearest")
+    _, local = _one_worker(comp, x)
+    scale = np.abs(np.asarray(x).reshape(4, 64)).max(1, keepdims=True)
+    err = np.abs(np.asarray(local) - np.asarray(x)).reshape(4, 64)
+    assert np.all(err <= scale / 7 / 2 + 1e-6)
+
+
+def test_sigma_range_clips_outliers():
+    x = jnp.concatenate([jax.random.normal(jax.random.key(4), (511,)), jnp.array([100.0])])
+    comp = compressors.quantize(8, scale="sigma", sigmas=6.0, rounding="nearest")
+    _, local = _one_worker(comp, x)
+    bound = 6.0 * float(jnp.std(x))
+    assert float(local[-1]) == pytest.approx(bound, rel=1e-6)
+    np.testing.assert_allclose(np.asarray(local[:-1]), np.asarray(x[:-1]), atol=bound / 127 / 2 + 1e-6)
+
+
+def test_bytes_are_the_packed_payload_times_the_gather_factor():
+    tree = {"w": jnp.ones((4, 300)), "b": jnp.ones((5,))}  # b: 5 entries, one chunk each
+    cases = [
+        (compressors.quantize(4, chunk_size=256), math.ceil(1200 * 4 / 8) + 5 * 4, math.ceil(5 * 4 / 8) + 4),
+        (compressors.quantize(2, chunk_size=256), 1200 * 2 // 8 + 5 * 4, math.ceil(5 * 2 / 8) + 4),
+        # 5% of 256 -> 13 per chunk, 5 chunks (the last padded): 2-bit values, 8-bit indices.
+        (
+            compressors.chunked_top_k(0.05, 256),
+            math.ceil(65 * 2 / 8) + 65 + 5 * 4,
+            math.ceil(1 * 2 / 8) + 1 + 4,
+        ),
+    ]
+    for comp, w_bytes, b_bytes in cases:
+        tx = optdist.compressed_mean(comp, "data")
+        state = optdist.replicate(tx.init(tree), N)
+        _, state = optdist.simulate(lambda g, s, tx=tx: tx.update(g, s))(optdist.replicate(tree, N), state)
+        np.testing.assert_array_equal(optdist.bytes_sent(state), [(N - 1) * (w_bytes + b_bytes)] * N)
+
+
+def test_chunked_top_k_keeps_the_largest_per_chunk_with_12_bit_indices():
+    x = jax.random.normal(jax.random.key(5), (2 * 4096,))
+    comp = compressors.chunked_top_k(0.01, 4096, value_bits=8, grid="symmetric")
+    payload = jax.eval_shape(lambda: comp.codec.encode({"x": x}, jax.random.key(0)))
+    k = math.ceil(0.01 * 4096)
+    assert payload[0]["indices"].shape == (math.ceil(2 * k * 12 / 8),)  # 12 bits per index
+    _, local = _one_worker(comp, x)
+    xs, ls = np.asarray(x).reshape(2, 4096), np.asarray(local).reshape(2, 4096)
+    for row, dec in zip(xs, ls):
+        kept = np.argsort(-np.abs(row))[:k]
+        assert set(np.flatnonzero(dec)) == set(kept)
+        np.testing.assert_allclose(dec[kept], row[kept], atol=np.abs(row).max() / 127 / 2 + 1e-6)
+
+
+def test_sparseloco_aggregator_matches_float64_reference():
+    """compressed(chunked_top_k, "ef", error_decay=β): e <- βe + Δ; send Q(TopK(e)); e <- e - sent."""
+    beta, rounds = 0.9, 4
+    comp = compressors.chunked_top_k(0.25, 8, value_bits=8, grid="symmetric")
+    agg = optdist.aggregation.compressed(comp, feedback="ef", error_decay=beta)
+    tx = optdist.comm.as_transform(agg, "data")
+    deltas = jax.random.normal(jax.random.key(6), (rounds, N, 16))
+    state = optdist.replicate(tx.init({"x": deltas[0, 0]}), N)
+    step = jax.jit(optdist.simulate(lambda g, s: tx.update({"x": g}, s)))
+    e = np.zeros((N, 16))
+    for r in range(rounds):
+        out, state = step(deltas[r], state)
+        p = beta * e + np.asarray(deltas[r], np.float64)
+        sent = np.zeros_like(p)
+        for i in range(N):
+            for c in range(2):
+                row = p[i, 8 * c : 8 * c + 8]
+                keep = np.argsort(-np.abs(row))[:2]
+                s = np.abs(row[keep]).max()
+                sent[i, 8 * c + keep] = np.round(row[keep] / s * 127) / 127 * s
+        e = p - sent
+        np.testing.assert_allclose(np.asarray(out["x"])[0], sent.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.aggregator.error["x"]), e, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_name_the_parameter():
+    with pytest.raises(ValueError, match="bits"):
+        compressors.quantize(3)
+    with pytest.raises(ValueError, match="e2m1"):
+        compressors.quantize(2, "e2m1")
+    with pytest.raises(ValueError, match="grid"):
+        compressors.quantize(4, "fp8")
+    with pytest.raises(ValueError, match="density"):
+        compressors.chunked_top_k(0.0)
+    with pytest.raises(ValueError, match="rounding"):
+        compressors.chunked_top_k(0.1, rounding="up")
+    with pytest.raises(ValueError, match="error_decay"):
+        optdist.aggregation.compressed(compressors.top_k(0.1), feedback="ef21", error_decay=0.5)
