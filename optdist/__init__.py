@@ -1,6 +1,6 @@
 """optdist: composable optax transforms for distributed, communication-efficient training."""
 
-from optdist import comm, decentralized, outer, preconditioning, robust, training, zeroth_order
+from optdist import aggregation, comm, decentralized, outer, preconditioning, robust, training, zeroth_order
 from optdist import compression as compressors
 from optdist.comm import (
     ByteCounter,
@@ -33,9 +33,11 @@ from optdist.outer import (
     fedyogi,
     local_adaptive,
     local_sgd,
+    muloco,
     outer_loop,
     qsr_sync_every,
     scaffold,
+    sparseloco,
     streaming_diloco,
 )
 from optdist.preconditioning import (
@@ -51,6 +53,7 @@ from optdist.zeroth_order import SeededSPSAState, seeded_spsa
 __version__ = "0.1.0"
 
 __all__ = [
+    "aggregation",
     "ByteCounter",
     "Channel",
     "UnboundAxisError",
@@ -88,6 +91,8 @@ __all__ = [
     "fedyogi",
     "local_adaptive",
     "local_sgd",
+    "muloco",
+    "sparseloco",
     "outer_loop",
     "qsr_sync_every",
     "scaffold",

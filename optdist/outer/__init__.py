@@ -7,6 +7,7 @@ from optdist.outer.diloco import diloco
 from optdist.outer.fedopt import ScaleByFedOptState, fedadagrad, fedadam, fedavg, fedyogi, scale_by_fedopt
 from optdist.outer.local_adaptive import RoundScalingState, local_adaptive, scale_by_round_scaling
 from optdist.outer.local_sgd import local_sgd
+from optdist.outer.low_comm import muloco, sparseloco
 from optdist.outer.outer_loop import OuterLoopState, SyncHook, outer_loop
 from optdist.outer.scaffold import ScaffoldState, scaffold, scaffold_correction
 from optdist.outer.schedules import qsr_sync_every
@@ -31,9 +32,11 @@ __all__ = [
     "fedyogi",
     "local_adaptive",
     "local_sgd",
+    "muloco",
     "outer_loop",
     "qsr_sync_every",
     "scaffold",
+    "sparseloco",
     "scaffold_correction",
     "scale_by_fedopt",
     "scale_by_round_scaling",
