@@ -136,3 +136,31 @@ def test_fragments_with_robust_aggregator_match_reference(data):
     np.testing.assert_allclose(flat(p), local, rtol=2e-5, atol=2e-6)
     # Bytes: one all-gather of the fragment per sync (b: 1 f32 at t = 2, 6; w: 3 f32 at t = 4, 8).
     np.testing.assert_array_equal(optdist.bytes_sent(s), [(N - 1) * 4 * (2 * 1 + 2 * 3)] * N)
+
+
+def np_e2m1_nearest(x):
+    """FP4 E2M1 nearest rounding with the chunk's max magnitude as scale (one chunk per row)."""
+    mags = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]) / 6.0
+    levels = np.concatenate([-mags[:0:-1], mags])
+    s = np.abs(x).max(axis=-1, keepdims=True)
+    y = x / np.where(s > 0, s, 1.0)
+    return levels[np.abs(y[..., None] - levels).argmin(-1)] * s
+
+
+def test_four_bit_fragments_match_reference(data):
+    """Streaming DiLoCo with 4-bit (E2M1) fragment syncs, as in the paper, against float64."""
+    h, delay, alpha, steps = 4, 1, 0.5, 13
+    fp4 = optdist.compressors.quantize(4, "e2m1", rounding="nearest")
+    tx = outer.streaming_diloco(0.05, h, "data", num_fragments=2, delay=delay, alpha=alpha, aggregator=fp4)
+    p, s, _ = run(tx, steps, data)
+    frags = [np.array([0]), np.array([1, 2, 3])]
+
+    def aggregate(_, deltas):  # a scalar fragment is sent exactly (nothing to save)
+        return deltas.mean(0) if deltas.shape[1] == 1 else np_e2m1_nearest(deltas).mean(0)
+
+    local, theta = np_streaming(data, steps, h, frags, delay, alpha, 0.05, aggregate=aggregate)
+    np.testing.assert_allclose(flat(p), local, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(flat(s.anchor)[0], theta, rtol=2e-5, atol=2e-6)
+    # w's payload: 3 codes of 4 bits (2 bytes) + a float32 scale, all-gathered, at t = 4, 8, 12.
+    b_bytes = all_reduce_bytes(jnp.zeros(1), N)
+    np.testing.assert_array_equal(optdist.bytes_sent(s), [3 * b_bytes + 3 * (N - 1) * (2 + 4)] * N)
