@@ -129,7 +129,8 @@ def test_bfloat16_gradient_tracking_sends_bfloat16():
     ids=["gossip", "tracking"],
 )
 def test_compiled_sends_are_bfloat16(tx):
-    """The program itself sends bfloat16 (one packed buffer per term), not float32."""
+    """The lowered program sends bfloat16 (one packed buffer per term), not float32. (XLA:CPU's float
+    normalization later runs collective-permutes in f32; a GPU or TPU sends the 2 bytes.)"""
     params = {"w": jnp.ones((4, 3), jnp.bfloat16), "b": jnp.ones((3,), jnp.bfloat16)}
     text = (
         jax.pmap(lambda g, s: tx.update(g, s, g), "data")
