@@ -36,16 +36,18 @@ loop, a Shampoo refresh and a non-refresh step).
 
 **What XLA:CPU changes, and what is counted** (jax 0.10.2, checked on the compiled text):
 
-* *bf16 all-reduces run in f32.* XLA:CPU's all-reduce promotion rewrites an all-reduce of bfloat16
-  into ``convert`` to f32, an f32 all-reduce whose reducer computation is renamed ``*_promoted``, and a
-  ``convert`` back to bfloat16 that carries the all-reduce's own ``op_name`` metadata. float16 and
-  integer all-reduces are left alone. The counter reports the 2-byte width that a GPU or TPU sends;
-  the audit maps a promoted operand back: an f32 operand of an all-reduce with a ``*_promoted``
-  reducer whose result is converted to a 16-bit float by a ``convert`` with the collective's
-  ``op_name`` and stack frame (directly or as the first op on that operand inside a fusion) counts
-  at that 16-bit width. The producer side cannot tell: XLA:CPU computes all bf16 arithmetic in f32,
-  so a genuine f32 all-reduce of values derived from bf16 looks the same there, and the combiner
-  below merges promoted and genuine f32 operands into one all-reduce.
+* *bf16 collectives run in f32.* XLA:CPU's all-reduce promotion rewrites a bfloat16 all-reduce into
+  ``convert`` to f32, an f32 all-reduce whose reducer is renamed ``*_promoted``, and a ``convert`` back
+  to bfloat16 carrying the all-reduce's own ``op_name`` metadata; its float normalization does the
+  same to a bfloat16 collective-permute, with converts that carry no metadata. float16 and integer
+  collectives are left alone. The counter reports the 2-byte width that a GPU or TPU sends, so the
+  audit maps the rewrite back: an f32 operand whose result is converted to a 16-bit float by a
+  convert the compiler inserted (no ``op_name``, or the collective's own ``op_name`` and stack frame;
+  directly or as an op on that operand inside a fusion) counts at that 16-bit width. A convert the
+  program asked for carries its own ``op_name`` (``convert_element_type``), so a genuine f32
+  collective stays f32. The producer side cannot tell: XLA:CPU computes all bf16 arithmetic in f32,
+  so an f32 all-reduce of values derived from bf16 looks the same there, and the combiner merges
+  promoted and genuine f32 operands into one all-reduce (``_promoted`` names the merged reducer).
 * *The all-reduce combiner* merges small all-reduces into one tuple all-reduce of several operands.
   Counting per operand makes this irrelevant (the counter also counts per array).
 * *CSE* may merge two identical all-reduces into one; then the program sends less than the code
@@ -113,6 +115,7 @@ _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->\s*.*\{\s*$")
 _CALLED = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 _NAME = re.compile(r"%([\w.\-]+)")
+_ASYNC_TAILS = ("async-update", "async-done")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +162,15 @@ class Instruction:
         return int(found.group(1)) if found else None
 
     @property
+    def branches(self) -> tuple[str, ...]:
+        """A conditional's branches by index (a predicated one as ``(false, true)``: index = pred)."""
+        block = _BRANCHES.search(self.attributes)
+        if block:
+            return tuple(_NAME.findall(block.group(1)))
+        true, false = self.attribute("true_computation"), self.attribute("false_computation")
+        return (false.lstrip("%"), true.lstrip("%")) if true and false else ()
+
+    @property
     def called(self) -> list[str]:
         """Computations this instruction calls (branches and loop parts included)."""
         names = [m.group(2) for m in _CALLED.finditer(self.attributes)]
@@ -197,6 +209,8 @@ class Collective:
       groups: the replica groups (device ids), one tuple per group.
       source_target_pairs: for a collective-permute, the ``(source, target)`` pairs.
       op_name: the jax op name from the metadata (e.g. ``".../cond/branch_1_fun/psum"``).
+      stack: the Python stack that issued it, ``(file, line, function)`` innermost first
+        (:meth:`HloModule.stack`).
     """
 
     kind: str
@@ -207,6 +221,7 @@ class Collective:
     groups: tuple[tuple[int, ...], ...]
     source_target_pairs: tuple[tuple[int, int], ...] = ()
     op_name: str = ""
+    stack: tuple[tuple[str, int, str], ...] = dataclasses.field(default=(), compare=False)
 
     def group_size(self, device: int = 0) -> int:
         """Participants in the group holding ``device`` (0 if it is in none)."""
@@ -216,21 +231,22 @@ class Collective:
         return 0
 
     def bytes_sent(self, device: int = 0) -> int:
-        """Bytes ``device`` sends in this collective (ring formulas, each operand on its own)."""
-        ops = list(self.operands)
+        """Bytes ``device`` sends in this collective (ring formulas, each operand on its own: an
+        operand is one buffer on the wire, so the accounting functions get one array at a time)."""
         if self.kind == "collective-permute":
             sends = sum(1 for s, t in self.source_target_pairs if s == device and t != device)
-            return sends * accounting.payload_bytes(ops)
+            return sends * accounting.payload_bytes(list(self.operands))
         n = self.group_size(device)
         if n <= 1:
             return 0
-        if self.kind == "all-reduce":
-            return accounting.all_reduce_bytes(ops, n)
-        if self.kind == "all-gather":
-            return accounting.all_gather_bytes(ops, n)
-        if self.kind == "reduce-scatter":
-            return accounting.reduce_scatter_bytes(ops, n)
-        return -(-(n - 1) * accounting.payload_bytes(ops) // n)  # all-to-all
+        if self.kind == "all-to-all":
+            return -(-(n - 1) * accounting.payload_bytes(list(self.operands)) // n)
+        formula = {
+            "all-reduce": accounting.all_reduce_bytes,
+            "all-gather": accounting.all_gather_bytes,
+            "reduce-scatter": accounting.reduce_scatter_bytes,
+        }[self.kind]
+        return sum(formula([operand], n) for operand in self.operands)
 
     def signature(self) -> tuple:
         """What the collective sends, without names: (kind, operands, groups, pairs)."""
@@ -285,6 +301,26 @@ class HloModule:
                 body.append(parsed)
         if not self.entry:
             raise ValueError("HloModule: no ENTRY computation could be parsed from the text.")
+        self._frames = _frame_tables(text)
+        self._holds: dict[str, bool] = {}
+
+    def stack(self, frame_id: int | None) -> tuple[tuple[str, int, str], ...]:
+        """The Python stack ``(file, line, function)`` of a ``stack_frame_id``, innermost first.
+
+        Read from the module's ``FileNames`` / ``FunctionNames`` / ``FileLocations`` / ``StackFrames``
+        tables. The text prints each frame's ``parent_frame_id`` one above the number the parent is
+        printed under (0 = no parent): frame 92 printed with ``parent_frame_id=92`` is called from
+        frame 91 (checked on jax 0.10.2 against the known call chain of a ``Channel`` collective).
+        """
+        files, functions, locations, frames = self._frames
+        out, seen = [], set()
+        while frame_id and frame_id in frames and frame_id not in seen:
+            seen.add(frame_id)
+            location, parent = frames[frame_id]
+            file_id, function_id, line = locations[location]
+            out.append((files.get(file_id, ""), line, functions.get(function_id, "")))
+            frame_id = parent - 1
+        return tuple(out)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -302,7 +338,7 @@ class HloModule:
         """The ``conditional`` instructions of ``computation`` (or of the whole module)."""
         names = [computation] if computation is not None else list(self.computations)
         return [
-            Conditional(inst.name, name, tuple(inst.called), inst.op_name)
+            Conditional(inst.name, name, inst.branches, inst.op_name)
             for name in names
             for inst in self.computations[name].instructions
             if inst.opcode == "conditional"
@@ -337,8 +373,8 @@ class HloModule:
                 f"{inst.name}: in-place collective-permute (slice_sizes) is not supported."
             )
         dtypes = [d for d, _ in arrays]
-        if kind == "all-reduce" and (inst.attribute("to_apply") or "").endswith("_promoted"):
-            dtypes = [self._promoted_from(inst, i, d) for i, d in enumerate(dtypes)]
+        if inst.opcode == kind:  # XLA:CPU's bf16 -> f32 rewrites (not the async forms, other backends)
+            dtypes = [self._promoted_from(inst, i, d) if d == "f32" else d for i, d in enumerate(dtypes)]
         operands = tuple(jax.ShapeDtypeStruct(dims, _DTYPES[d]) for d, (_, dims) in zip(dtypes, arrays))
         pairs = inst.attribute("source_target_pairs")
         return Collective(
@@ -352,6 +388,7 @@ class HloModule:
             else (),
             source_target_pairs=tuple(tuple(p) for p in _int_lists(pairs)) if pairs else (),
             op_name=inst.op_name,
+            stack=self.stack(inst.stack_frame),
         )
 
     def _promoted_from(self, inst: Instruction, index: int, dtype: str) -> str:
@@ -376,10 +413,13 @@ class HloModule:
         return found.pop() if found else dtype
 
     def _converts_to_half(self, user: Instruction, result: Instruction) -> set[str]:
-        """16-bit types ``user`` converts ``result`` to with the collective's own metadata."""
+        """16-bit types ``user`` converts ``result`` to, by a convert the compiler inserted: one with
+        the collective's own metadata (all-reduce promotion) or none (float normalization); a convert
+        the program asked for carries its own ``op_name`` (``convert_element_type``)."""
 
         def inserted(convert: Instruction) -> bool:
-            return convert.op_name == result.op_name and convert.stack_frame == result.stack_frame
+            own = convert.op_name == result.op_name and convert.stack_frame == result.stack_frame
+            return own or not convert.op_name
 
         if user.opcode == "convert" and user.arrays[0][0] in _HALF and inserted(user):
             return {user.arrays[0][0]}
@@ -420,8 +460,8 @@ class HloModule:
             if _kind(inst) is not None:
                 yield self._collective(inst), 1
             elif inst.opcode == "conditional":
-                cond = Conditional(inst.name, name, tuple(inst.called), inst.op_name)
-                if not any(self._has_collectives(b) for b in cond.branches):
+                cond = Conditional(inst.name, name, inst.branches, inst.op_name)
+                if not any(self.holds_collectives(b) for b in cond.branches):
                     continue
                 if branch is None:
                     raise ValueError(
@@ -434,7 +474,7 @@ class HloModule:
                 yield from self.runs(device, branch, cond.branches[index])
             elif inst.opcode == "while":
                 body, test = inst.attribute("body").lstrip("%"), inst.attribute("condition").lstrip("%")
-                if not (self._has_collectives(body) or self._has_collectives(test)):
+                if not (self.holds_collectives(body) or self.holds_collectives(test)):
                     continue
                 trips = _trip_count(inst)
                 if trips is None:
@@ -442,19 +482,26 @@ class HloModule:
                 for part, times in ((body, trips), (test, trips + 1)):
                     for coll, k in self.runs(device, branch, part):
                         yield coll, k * times
-            else:
+            elif inst.opcode not in _ASYNC_TAILS:  # an async op's computation runs once, at its start
                 for callee in inst.called:
                     yield from self.runs(device, branch, callee)
 
-    def _has_collectives(self, name: str) -> bool:
-        comp = self.computations[name]
-        return any(
-            _kind(i) is not None or any(self._has_collectives(c) for c in i.called) for i in comp.instructions
-        )
+    def holds_collectives(self, name: str) -> bool:
+        """Whether computation ``name`` or anything it calls holds a collective."""
+        if name not in self._holds:
+            comp = self.computations[name]
+            self._holds[name] = any(
+                _kind(i) is not None or any(self.holds_collectives(c) for c in i.called)
+                for i in comp.instructions
+            )
+        return self._holds[name]
 
 
 def bytes_sent(
-    module: HloModule | str, device: int = 0, branch: Callable[[Conditional, int], int] | None = None
+    module: HloModule | str,
+    device: int = 0,
+    branch: Callable[[Conditional, int], int] | None = None,
+    where: Callable[[Collective], bool] | None = None,
 ) -> int:
     """Bytes ``device`` sends in one execution of the compiled program (see the module docstring).
 
@@ -463,12 +510,14 @@ def bytes_sent(
       device: the device (partition) id.
       branch: ``branch(conditional, device) -> index``: the branch each conditional with collectives
         takes on ``device`` in this execution.
+      where: counts only the collectives for which ``where(collective)`` holds (all by default).
 
     Returns:
       The byte count (int).
     """
     module = module if isinstance(module, HloModule) else HloModule(module)
-    return sum(coll.bytes_sent(device) * times for coll, times in module.runs(device, branch))
+    runs = module.runs(device, branch)
+    return sum(c.bytes_sent(device) * times for c, times in runs if where is None or where(c))
 
 
 def collective_signature(module: HloModule, computation: str | None = None) -> tuple:
@@ -484,13 +533,13 @@ def collective_signature(module: HloModule, computation: str | None = None) -> t
         if _kind(inst) is not None:
             flat.append(module._collective(inst).signature())
         elif inst.opcode == "conditional":
-            if any(module._has_collectives(b) for b in inst.called):
-                nested.append(("conditional", tuple(collective_signature(module, b) for b in inst.called)))
+            if any(module.holds_collectives(b) for b in inst.branches):
+                nested.append(("conditional", tuple(collective_signature(module, b) for b in inst.branches)))
         elif inst.opcode == "while":
             body = inst.attribute("body").lstrip("%")
-            if module._has_collectives(body):
+            if module.holds_collectives(body):
                 nested.append(("while", _trip_count(inst), collective_signature(module, body)))
-        else:
+        elif inst.opcode not in _ASYNC_TAILS:
             for callee in inst.called:
                 sub_flat, sub_nested = collective_signature(module, callee)
                 flat += sub_flat
@@ -619,3 +668,34 @@ def _constant(comp: Computation, name: str) -> int | None:
     if not re.fullmatch(r"-?\d+", inst.literal):
         return None
     return int(inst.literal)
+
+
+def _frame_tables(text: str):
+    """The stack-frame tables at the top of the module text: files, functions, locations, frames."""
+    tables = {"FileNames": {}, "FunctionNames": {}, "FileLocations": {}, "StackFrames": {}}
+    current = None
+    for line in text.splitlines():
+        if line in tables:
+            current = tables[line]
+            continue
+        if current is None:
+            continue
+        found = re.match(r"^(\d+) (.*)$", line)
+        if not found:
+            if line.startswith(("%", "ENTRY")):
+                break
+            current = None
+            continue
+        current[int(found.group(1))] = found.group(2)
+    files = {k: v.strip('"') for k, v in tables["FileNames"].items()}
+    functions = {k: v.strip('"') for k, v in tables["FunctionNames"].items()}
+    field = lambda v, key: int(re.search(rf"\b{key}=(\d+)", v).group(1))  # noqa: E731
+    locations = {
+        k: (field(v, "file_name_id"), field(v, "function_name_id"), field(v, "line"))
+        for k, v in tables["FileLocations"].items()
+    }
+    frames = {
+        k: (field(v, "file_location_id"), field(v, "parent_frame_id"))
+        for k, v in tables["StackFrames"].items()
+    }
+    return files, functions, locations, frames

@@ -15,6 +15,7 @@ branch by branch, and running it at the same states reports the branch each devi
 
 import contextlib
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 import optdist
 from optdist.comm import hlo
+from optdist.preconditioning.shampoo import ShampooState
 from tests.helpers import linear_problem
 from tests.test_common import NAMES, full_tx, step_fn
 
@@ -45,6 +47,17 @@ GATED = {
     "shampoo",
     "shampoo[distributed roots]",
 }
+SHAMPOO = {"shampoo", "shampoo[distributed roots]"}
+
+
+def _simulation_only(collective):
+    """The omniscient attacks' all-gather (``optdist/robust/attacks.py``): a simulation device that the
+    library documents as not part of the measured protocol, so no counter records it."""
+    return any(file.endswith("optdist/robust/attacks.py") for file, _, _ in collective.stack)
+
+
+def _protocol(collective):
+    return not _simulation_only(collective)
 
 
 # -- tagging branches ------------------------------------------------------------------------------
@@ -120,11 +133,12 @@ def _compile(name, params_w, state_w, batches, bad, mesh):
 
 
 @functools.cache
-def _audit(name):
-    """Compiles and runs ``name``'s step: (module, counter delta per step, branch chooser per step)."""
+def _audit(name, dtype=jnp.float32):
+    """Compiles and runs ``name``'s step: (module, per-step counter deltas, branch choosers, states)."""
     mesh = jax.make_mesh((WORKERS,), ("data",))
     place = lambda t: jax.device_put(t, NamedSharding(mesh, P("data")))  # noqa: E731
     params, data = linear_problem(num_examples=4 * WORKERS)
+    params, data = jax.tree_util.tree_map(lambda x: x.astype(dtype), (params, data))
     tx = full_tx(name)
     params_w, state_w = place(optdist.replicate((params, tx.init(params)), WORKERS))
     batches, bad = place(optdist.shard_batch(data, WORKERS)), place(jnp.zeros(WORKERS, bool))
@@ -136,7 +150,7 @@ def _audit(name):
         states.append(compiled(*before, batches, bad))
         deltas.append(optdist.bytes_sent(states[-1][1]) - optdist.bytes_sent(before[1]))
     choosers = [None] * STEPS
-    if module.conditionals():
+    if any(module.holds_collectives(b) for c in module.conditionals() for b in c.branches):
         recorder = _BranchRecorder()
         jax.clear_caches()  # retrace library code so every cond is tagged
         with recorder.patched():
@@ -153,7 +167,7 @@ def _audit(name):
             np.testing.assert_array_equal(optdist.bytes_sent(out[1]), optdist.bytes_sent(states[t + 1][1]))
             choosers.append(_frozen(recorder, tagged_module))
         module = tagged_module
-    return module, deltas, choosers
+    return module, deltas, choosers, states
 
 
 def _frozen(recorder, module):
@@ -168,9 +182,9 @@ def _frozen(recorder, module):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_counter_equals_bytes_of_compiled_collectives(name):
-    module, deltas, choosers = _audit(name)
+    module, deltas, choosers, _ = _audit(name)
     for t in range(STEPS):
-        compiled = [hlo.bytes_sent(module, d, choosers[t]) for d in range(WORKERS)]
+        compiled = [hlo.bytes_sent(module, d, choosers[t], where=_protocol) for d in range(WORKERS)]
         np.testing.assert_array_equal(
             deltas[t],
             compiled,
@@ -178,17 +192,171 @@ def test_counter_equals_bytes_of_compiled_collectives(name):
         )
 
 
-@pytest.mark.parametrize("name", sorted(GATED))
+@pytest.mark.parametrize("name", sorted(GATED - SHAMPOO))
 def test_gated_steps_take_both_branches(name):
     """The audited steps include a step whose gate opens and one whose gate stays shut."""
-    module, deltas, choosers = _audit(name)
-    assert choosers[0] is not None, f"{name}: no conditional in the compiled step"
-    patterns = {
-        tuple(choosers[t](c, d) for c in module.conditionals() for d in range(WORKERS) if _tagged(module, c))
-        for t in range(STEPS)
-    }
+    module, deltas, choosers, _ = _audit(name)
+    assert choosers[0] is not None, f"{name}: no conditional with a collective in the compiled step"
+    gates = [c for c in module.conditionals() if any(module.holds_collectives(b) for b in c.branches)]
+    patterns = {tuple(choosers[t](c, d) for c in gates for d in range(WORKERS)) for t in range(STEPS)}
     assert len(patterns) == STEPS, f"{name}: the {STEPS} steps took the same branches"
+    assert len(set(map(tuple, deltas))) == STEPS, f"{name}: both steps sent the same"
 
 
-def _tagged(module, conditional):
-    return all(module.callback_constants(b) for b in conditional.branches)
+@pytest.mark.parametrize("name", sorted(SHAMPOO))
+def test_shampoo_refresh_and_plain_steps(name):
+    """Of the two steps one refreshes the roots (precondition_every=2; the default
+    start_preconditioning_step=1 makes it step 1) and one does not; Shampoo's gates hold no collective
+    (documented), so both steps send the same, every step's all-gather included."""
+    module, deltas, _, states = _audit(name)
+    gates = module.conditionals()
+    assert gates and not any(module.holds_collectives(b) for c in gates for b in c.branches)
+    np.testing.assert_array_equal(deltas[0], deltas[1])
+    roots = [_shampoo_state(s[1]).preconditioners for s in states]
+    changed = [
+        any(
+            not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(roots[t]), jax.tree.leaves(roots[t + 1]))
+        )
+        for t in range(STEPS)
+    ]
+    assert changed == [False, True], changed
+
+
+def _shampoo_state(state):
+    found = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, ShampooState))
+        if isinstance(s, ShampooState)
+    ]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_only_the_omniscient_attack_gather_goes_uncounted():
+    """The one collective the audit leaves out is the attack's all-gather of the flat gradient."""
+    module, *_ = _audit("byzantine[alie]+median")
+    left_out = [c for c in module.collectives() if _simulation_only(c)]
+    assert [(c.kind, [o.shape for o in c.operands]) for c in left_out] == [("all-gather", [(1, 18)])]
+    assert left_out[0].bytes_sent(0) == 7 * 18 * 4
+    for name in NAMES:
+        if name != "byzantine[alie]+median":
+            assert not any(_simulation_only(c) for c in _audit(name)[0].collectives()), name
+
+
+# bfloat16 parameters: XLA:CPU runs bf16 all-reduces (promotion) and collective-permutes (float
+# normalization) in f32; the counter reports the 2-byte width a GPU/TPU sends, and the audit maps the
+# rewrite back. One transform per path: a plain all-reduce, one inside a branch, a collective-permute.
+BF16 = ["mean_gradients", "diloco", "gossip[ring]"]
+
+
+@pytest.mark.parametrize("name", BF16)
+def test_counter_equals_compiled_collectives_with_bfloat16_parameters(name):
+    module, deltas, choosers, _ = _audit(name, jnp.bfloat16)
+    for t in range(STEPS):
+        compiled = [hlo.bytes_sent(module, d, choosers[t], where=_protocol) for d in range(WORKERS)]
+        np.testing.assert_array_equal(deltas[t], compiled, err_msg=f"{name} (bf16), step {t}")
+
+
+def test_bfloat16_all_reduce_promotion_is_mapped_back():
+    module, *_ = _audit("mean_gradients", jnp.bfloat16)
+    (psum,) = module.collectives()
+    assert set(psum.hlo_dtypes) == {"f32"}  # promoted by XLA:CPU
+    assert {str(o.dtype) for o in psum.operands} == {"bfloat16"}  # counted as a GPU/TPU sends it
+    sizes = [math.prod(o.shape) for o in psum.operands]
+    assert sum(sizes) == 18  # the gradient: w [5, 3] and b [3]
+    assert psum.bytes_sent(0) == sum(2 * 7 * -(-e // 8) * 2 for e in sizes)
+
+
+# -- the parser on hand-built programs (numbers from the formulas, by hand) ----------------------------
+
+
+def _hand_compiled(fn, *shapes, mesh_shape=(WORKERS,), names=("d",), spec=None):
+    spec = P("d") if spec is None else spec
+    mesh = jax.make_mesh(mesh_shape, names)
+    args = [jax.device_put(jnp.ones(s, t), NamedSharding(mesh, spec)) for s, t in shapes]
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+    return hlo.HloModule(jax.jit(mapped).lower(*args).compile().as_text())
+
+
+def test_combined_all_reduce_maps_only_promoted_operands():
+    """The combiner merges a promoted bf16 psum with genuine f32 ones (even f32 computed from bf16)."""
+
+    def f(x, y):
+        return jax.lax.psum(x * 2, "d"), jax.lax.psum(y, "d"), jax.lax.psum(x.astype(jnp.float32) * 3, "d")
+
+    module = _hand_compiled(f, ((8, 5), jnp.bfloat16), ((8, 3), jnp.float32))
+    (psum,) = module.collectives()
+    assert psum.hlo_dtypes == ("f32", "f32", "f32")
+    assert [str(o.dtype) for o in psum.operands] == ["bfloat16", "float32", "float32"]
+    assert hlo.bytes_sent(module, 3) == 2 * 7 * (1 * 2 + 1 * 4 + 1 * 4)
+
+
+def test_float16_and_int8_all_reduces_are_not_promoted():
+    def f(x, y):
+        return jax.lax.psum(x, "d"), jax.lax.psum(y, "d")
+
+    module = _hand_compiled(f, ((8, 16), jnp.float16), ((8, 16), jnp.int8))
+    assert sorted(d for c in module.collectives() for d in c.hlo_dtypes) == ["f16", "s8"]
+    assert hlo.bytes_sent(module, 0) == 2 * 7 * 2 * (2 + 1)
+
+
+def test_reduce_scatter_all_to_all_and_subgroups():
+    def f(x):
+        scattered = jax.lax.psum_scatter(x, "d", scatter_dimension=1, tiled=True)  # input [1, 16] f32
+        swapped = jax.lax.all_to_all(x, "d", split_axis=1, concat_axis=1, tiled=True)
+        return scattered, swapped
+
+    module = _hand_compiled(f, ((8, 16), jnp.float32))
+    kinds = sorted(c.kind for c in module.collectives())
+    assert kinds == ["all-to-all", "reduce-scatter"], kinds
+    by_kind = {c.kind: c for c in module.collectives()}
+    assert by_kind["reduce-scatter"].group_size(5) == 8
+    assert by_kind["reduce-scatter"].bytes_sent(5) == 7 * 2 * 4
+    assert by_kind["all-to-all"].bytes_sent(5) == 7 * 16 * 4 // 8
+
+    def g(x):  # a psum over one axis of a 4 x 2 mesh: 2 groups of 4 devices
+        return jax.lax.psum(x, "a")
+
+    sub = _hand_compiled(g, ((8, 16), jnp.float32), mesh_shape=(4, 2), names=("a", "b"), spec=P(("a", "b")))
+    (psum,) = sub.collectives()
+    assert sorted(map(sorted, psum.groups)) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert hlo.bytes_sent(sub, 1) == 2 * 3 * 4 * 4  # n = 4, E = 16 -> ceil(16/4) = 4
+
+
+def test_identical_all_reduces_are_merged_by_cse():
+    """Two psums of the same value compile to one all-reduce: counting the code twice would over-count."""
+
+    def f(x):
+        channel = optdist.comm.Channel("d")
+        total = channel.psum(x) + channel.psum(x)
+        return total, jnp.broadcast_to(channel.nbytes, x.shape[:1])
+
+    module = _hand_compiled(f, ((8, 16), jnp.float32))
+    assert len(module.collectives()) == 1
+    assert hlo.bytes_sent(module, 0) == 2 * 7 * 2 * 4  # what is sent: once
+
+
+def test_stack_names_the_calling_code():
+    def issue_psum(x):
+        return jax.lax.psum(x, "d")
+
+    module = _hand_compiled(issue_psum, ((8, 4), jnp.float32))
+    (psum,) = module.collectives()
+    assert psum.stack[0][0] == __file__ and psum.stack[0][2].endswith("issue_psum")
+
+
+def test_while_loops_count_per_trip_and_unknown_branches_are_refused():
+    def f(x):
+        return jax.lax.fori_loop(0, 3, lambda i, y: jax.lax.psum(y, "d") / 8, x)
+
+    module = _hand_compiled(f, ((8, 4), jnp.float32))
+    assert hlo.bytes_sent(module, 0) == 3 * 2 * 7 * 1 * 4
+
+    def g(x):
+        return jax.lax.cond(x.sum() > 0, lambda y: jax.lax.psum(y, "d"), lambda y: y, x)
+
+    gated = _hand_compiled(g, ((8, 4), jnp.float32))
+    with pytest.raises(ValueError, match="branch"):
+        hlo.bytes_sent(gated, 0)
+    assert hlo.bytes_sent(gated, 0, branch=lambda c, d: 0) in (0, 2 * 7 * 4)
+    assert {hlo.bytes_sent(gated, 0, branch=lambda c, d, i=i: i) for i in (0, 1)} == {0, 2 * 7 * 4}
