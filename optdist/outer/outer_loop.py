@@ -173,6 +173,41 @@ def _hooked(hook: SyncHook, inner_state, deltas, round_steps, flag, count, ok, c
     return jax.tree_util.tree_map(lambda new, old: jnp.where(ok, new, old), hooked, inner_state)
 
 
+def _validate_flags(reset_inner_state: Any, overlap: Any, sync_hook: SyncHook | None) -> None:
+    for value, name in ((reset_inner_state, "reset_inner_state"), (overlap, "overlap")):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool; got {value!r}.")
+    if overlap and (sync_hook is not None or reset_inner_state):
+        raise ValueError("overlap=True does not combine with a sync_hook or reset_inner_state.")
+
+
+def _aggregate_round(aggregator: Aggregator, deltas, agg_state, channel: Channel, flag):
+    """``(Δ, aggregator state, flag, participant count, ok)`` for one sync round (``flag=None``: all)."""
+    if flag is None:
+        delta, agg_state = aggregator.aggregate(deltas, agg_state, channel)
+        return delta, agg_state, jnp.asarray(True), jnp.asarray(channel.size, jnp.float32), jnp.asarray(True)
+    weight = flag.astype(jnp.float32)
+    delta, agg_state = aggregator.aggregate(deltas, agg_state, channel, weights=weight)
+    count = channel.psum(weight)
+    return delta, agg_state, flag, count, count > 0
+
+
+def _outer_step(outer, delta, outer_state, anchor, ok):
+    """The new anchor and outer state, both kept where the round is not ``ok`` (nobody took part)."""
+    step, new_outer = outer.update(delta, outer_state, anchor)
+    new_anchor = optax.apply_updates(anchor, step)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+    return keep(new_anchor, anchor), keep(new_outer, outer_state)
+
+
+def _next_counters(state: OuterLoopState, is_sync, sync_every: SyncEvery):
+    """``(count, since_sync, round_length, rounds)`` after this step."""
+    count = state.count + 1
+    since = jnp.where(is_sync, 0, state.since_sync + 1).astype(jnp.int32)
+    length = jnp.where(is_sync, _round_length(sync_every, count), state.round_length).astype(jnp.int32)
+    return count, since, length, state.rounds + is_sync.astype(jnp.int32)
+
+
 def outer_loop(
     inner: optax.GradientTransformation,
     outer: optax.GradientTransformation,
@@ -282,12 +317,7 @@ def outer_loop(
     axis_name = validate_axis_name(axis_name)
     sync_every = _validate_sync_every(sync_every)
     table, sample = _validate_participation(participation, num_participants)
-    if not isinstance(overlap, bool):
-        raise TypeError(f"overlap must be a bool; got {overlap!r}.")
-    if overlap and (sync_hook is not None or reset_inner_state):
-        raise ValueError("overlap=True does not combine with a sync_hook or reset_inner_state.")
-    if not isinstance(reset_inner_state, bool):
-        raise TypeError(f"reset_inner_state must be a bool; got {reset_inner_state!r}.")
+    _validate_flags(reset_inner_state, overlap, sync_hook)
     aggregator = as_aggregator(aggregator, "outer_loop")
     _validate.transformation(inner, "inner")
     _validate.transformation(outer, "outer")
@@ -328,22 +358,11 @@ def outer_loop(
                 given = jnp.asarray(participating, bool)
                 flag = given if flag is None else jnp.logical_and(flag, given)
             deltas = jax.tree_util.tree_map(lambda a, x: a - x, anchor, params if overlap else local)
-            round_steps = state.since_sync + 1
-            if flag is None:
-                delta, agg_state = aggregator.aggregate(deltas, agg_state, channel)
-                count, ok = jnp.asarray(channel.size, jnp.float32), jnp.asarray(True)
-                flag = jnp.asarray(True)
-            else:
-                weight = flag.astype(jnp.float32)
-                delta, agg_state = aggregator.aggregate(deltas, agg_state, channel, weights=weight)
-                count = channel.psum(weight)
-                ok = count > 0
+            delta, agg_state, flag, count, ok = _aggregate_round(aggregator, deltas, agg_state, channel, flag)
             if sync_hook is not None:
+                round_steps = state.since_sync + 1
                 inner_state = _hooked(sync_hook, inner_state, deltas, round_steps, flag, count, ok, channel)
-            step, new_outer = outer.update(delta, outer_state, anchor)
-            new_anchor = optax.apply_updates(anchor, step)
-            new_anchor = jax.tree_util.tree_map(lambda n, a: jnp.where(ok, n, a), new_anchor, anchor)
-            new_outer = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new_outer, outer_state)
+            new_anchor, new_outer = _outer_step(outer, delta, outer_state, anchor, ok)
             if reset_inner_state:
                 inner_state = inner.init(new_anchor)
             to_anchor = jax.tree_util.tree_map(lambda a, p: (a - p).astype(p.dtype), new_anchor, params)
@@ -363,14 +382,8 @@ def outer_loop(
             is_sync, sync, local_step, (gated_inner, state.anchor, state.outer_state, state.aggregator_state)
         )
         inner_state = gated_inner if gate_inner else inner_state
-        next_count = state.count + 1
         new_state = OuterLoopState(
-            count=next_count,
-            since_sync=jnp.where(is_sync, 0, state.since_sync + 1).astype(jnp.int32),
-            round_length=jnp.where(is_sync, _round_length(sync_every, next_count), state.round_length).astype(
-                jnp.int32
-            ),
-            rounds=state.rounds + is_sync.astype(jnp.int32),
+            *_next_counters(state, is_sync, sync_every),
             skipped_rounds=state.skipped_rounds + skipped,
             anchor=anchor,
             outer_state=outer_state,
