@@ -48,6 +48,19 @@ def _fragments(num_leaves: int, num_fragments: int) -> list[np.ndarray]:
     return np.array_split(np.arange(num_leaves), num_fragments)
 
 
+def _validate_schedule(sync_every: Any, num_fragments: Any, delay: Any, alpha: Any) -> tuple[int, int, float]:
+    sync_every = _checks.positive_int(sync_every, "sync_every")
+    num_fragments = _checks.positive_int(num_fragments, "num_fragments")
+    if sync_every % num_fragments:
+        raise ValueError(
+            f"num_fragments={num_fragments} does not divide sync_every={sync_every}: fragments sync "
+            "every sync_every / num_fragments steps in turn."
+        )
+    if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay < sync_every:
+        raise ValueError(f"delay must be an integer in [0, sync_every={sync_every}); got {delay!r}.")
+    return sync_every, num_fragments, _checks.in_range(alpha, "alpha", 0.0, 1.0)
+
+
 def streaming_diloco(
     inner_lr: Any,
     sync_every: int,
@@ -119,16 +132,7 @@ def streaming_diloco(
       Free Lunch", 2025.
     """
     axis_name = validate_axis_name(axis_name)
-    sync_every = _checks.positive_int(sync_every, "sync_every")
-    num_fragments = _checks.positive_int(num_fragments, "num_fragments")
-    if sync_every % num_fragments:
-        raise ValueError(
-            f"num_fragments={num_fragments} does not divide sync_every={sync_every}: fragments sync "
-            "every sync_every / num_fragments steps in turn."
-        )
-    if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay < sync_every:
-        raise ValueError(f"delay must be an integer in [0, sync_every={sync_every}); got {delay!r}.")
-    alpha = _checks.in_range(alpha, "alpha", 0.0, 1.0)
+    sync_every, num_fragments, alpha = _validate_schedule(sync_every, num_fragments, delay, alpha)
     inner_lr = _validate.learning_rate(inner_lr, "inner_lr")
     outer_lr = _validate.learning_rate(outer_lr, "outer_lr")
     outer_momentum = _validate.decay(outer_momentum, "outer_momentum")
