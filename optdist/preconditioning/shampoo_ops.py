@@ -212,16 +212,6 @@ def precondition_blocks(
     return direction
 
 
-def diagonal_direction(
-    stat: jax.Array, grad: jax.Array, ridge_epsilon: float, relative_epsilon: bool, p: int
-) -> jax.Array:
-    r"""The diagonal fallback :math:`(d + \epsilon)^{-1/p} g` (``0`` where :math:`d + \epsilon = 0`),
-    :math:`\epsilon` = ``ridge_epsilon`` times :math:`\max d` when relative."""
-    ridge = ridge_epsilon * jnp.max(stat) if relative_epsilon else ridge_epsilon
-    reg = stat + ridge
-    return jnp.where(reg > 0, grad * jnp.power(jnp.where(reg > 0, reg, 1.0), -1.0 / p), 0.0)
-
-
 def init_banks(
     layout: blocking.Layout,
     slots: dict[str, int],
@@ -295,7 +285,12 @@ def diagonal_step(
     stat: jax.Array, grad: jax.Array, do_stats: jax.Array, beta2: float, config: RootConfig
 ) -> tuple[jax.Array, jax.Array]:
     r"""One diagonal-fallback leaf: :math:`d \leftarrow \beta_2 d + (1-\beta_2) g^2` (where ``do_stats``),
-    then :math:`(d + \epsilon)^{-1/p} g`. Returns ``(d in its storage dtype, direction)``."""
-    d = jnp.where(do_stats, accumulate(stat.astype(grad.dtype), grad * grad, beta2), stat.astype(grad.dtype))
-    direction = diagonal_direction(d, grad, config.ridge_epsilon, config.relative_epsilon, config.exponent(1))
+    then :math:`(d + \epsilon)^{-1/p} g` (``0`` where :math:`d + \epsilon = 0`; :math:`\epsilon` is
+    ``config.ridge_epsilon``, times :math:`\max d` when relative). Returns ``(d as stored, direction)``."""
+    old = stat.astype(grad.dtype)
+    d = jnp.where(do_stats, accumulate(old, grad * grad, beta2), old)
+    reg = d + (config.ridge_epsilon * jnp.max(d) if config.relative_epsilon else config.ridge_epsilon)
+    direction = jnp.where(
+        reg > 0, grad * jnp.power(jnp.where(reg > 0, reg, 1.0), -1.0 / config.exponent(1)), 0.0
+    )
     return d.astype(stat.dtype), direction
