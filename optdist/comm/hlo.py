@@ -392,7 +392,7 @@ class HloModule:
         )
 
     def _promoted_from(self, inst: Instruction, index: int, dtype: str) -> str:
-        """The 16-bit float type operand ``index`` of a promoted all-reduce had, else ``dtype``."""
+        """The 16-bit float type operand ``index`` had before XLA:CPU ran it in f32, else ``dtype``."""
         comp = self.computations[inst.computation]
         if inst.shape.startswith("("):
             results = [
