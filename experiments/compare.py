@@ -2,42 +2,51 @@
 
 Usage::
 
-  python -m experiments.compare                       # default: digits, 8 workers
-  python -m experiments.compare --config.methods=exact_mean,local_only --workdir=runs/compare
+  python -m experiments.compare                       # default: digits, 8 workers -> runs/compare
+  python -m experiments.compare --config.methods=exact_mean,local_only
+  python -m experiments.compare --config=experiments/configs/compression_sweep.py  # runs/compression_sweep
+  python -m experiments.compare --list                # fields, methods, presets
 
-Prints a table (method, final train loss, test accuracy, bytes sent per
-worker, wall time, time-to-target under the config's bandwidth model),
-and writes ``results.json`` and ``plot.png`` to ``workdir``.
+Prints a table (method, final train loss, test accuracy, bytes sent per worker, wall time,
+time-to-target under the config's network model), and writes ``results.json`` and ``plot.png`` to
+``--workdir`` (default ``runs/<config name>``), and each method's ``metrics.json`` under
+``<workdir>/<method>/``. Every method name is checked before any method trains.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import plotting, train
+from experiments import listing, methods, plotting, train
+from experiments.configs import default as default_config
 
 
 def modeled_time_to_target(history, config, summary) -> float | None:
     """Seconds to reach ``config.target_accuracy`` on the modeled cluster, or None.
 
-    One worker's compute per step is the measured wall time per simulated
-    step divided by the number of workers (the simulation runs them all on
-    this machine); communication is bytes / bandwidth (+ latency per step).
+    At the first evaluation ``r`` at or above the target:
+    ``r.step * compute + r.bytes_per_worker * 8 / bandwidth + r.comm_rounds * latency``.
+    ``compute`` (one worker's step) is the *steady-state* time per simulated step divided by the
+    number of workers (the simulation runs them all on this machine); compilation is excluded (the
+    first call of each chunk shape is not timed as compute). ``comm_rounds`` counts the steps on
+    which the worker sent bytes.
     """
-    steps = summary["step"]
-    compute = summary["wall_time"] / steps / config.base.num_workers
-    bytes_per_step = summary["bytes_per_worker"] / steps
-    comm = bytes_per_step * 8 / (config.bandwidth_gbit * 1e9)
-    if bytes_per_step > 0:
-        comm += config.latency_ms / 1e3
+    step_time = summary.get("step_time")
+    if step_time is None:  # no steady-state measurement (should not happen): fall back to wall time
+        step_time = summary["wall_time"] / summary["step"]
+    compute = step_time / config.base.num_workers
     for record in history:
         if record["test_accuracy"] >= config.target_accuracy:
-            return record["step"] * (compute + comm)
+            comm = record["bytes_per_worker"] * 8 / (config.bandwidth_gbit * 1e9)
+            comm += record.get("comm_rounds", 0) * config.latency_ms / 1e3
+            return record["step"] * compute + comm
     return None
 
 
@@ -84,15 +93,88 @@ def format_table(rows, config) -> str:
     return "\n".join(lines)
 
 
-def run_comparison(config, workdir: str | None) -> list[dict]:
-    methods = config.methods
-    if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
-    rows, histories = [], {}
-    for name in methods:
+def _split(methods_field) -> list[str]:
+    if isinstance(methods_field, str):
+        return [m.strip() for m in methods_field.split(",") if m.strip()]
+    return [str(m) for m in methods_field]
+
+
+def validate_comparison(config) -> None:
+    """Checks the comparison's own fields (errors name the field)."""
+    if not 0 <= config.target_accuracy <= 1:
+        raise ValueError(f"config.target_accuracy={config.target_accuracy!r}: must be in [0, 1].")
+    if not (math.isfinite(config.bandwidth_gbit) and config.bandwidth_gbit > 0):
+        raise ValueError(f"config.bandwidth_gbit={config.bandwidth_gbit!r}: must be a finite number > 0.")
+    if not (math.isfinite(config.latency_ms) and config.latency_ms >= 0):
+        raise ValueError(f"config.latency_ms={config.latency_ms!r}: must be a finite number >= 0.")
+
+
+def run_configs(config) -> list[tuple[str, object]]:
+    """``(label, training config)`` per entry of ``config.methods``, every one validated.
+
+    An entry is a name in ``config.variants`` (a method plus its field values), a preset or a
+    method. Any unknown name or bad field fails here, before anything trains.
+    """
+    validate_comparison(config)
+    names = _split(config.methods)
+    if not names:
+        raise ValueError(
+            "config.methods is empty: list method names, e.g. --config.methods=exact_mean,local_only."
+        )
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"config.methods lists {duplicates} more than once.")
+    variants = config.get("variants") or {}
+    target = config.get("loss_target_method") or ""
+    if target and target not in names:
+        raise ValueError(f"config.loss_target_method={target!r} is not among config.methods {names}.")
+    runs = []
+    for name in names:
         cfg = copy.deepcopy(config.base)
-        cfg.method = name
-        result = train.train_and_evaluate(cfg, os.path.join(workdir, name) if workdir else None)
+        cfg.label = name
+        if name in variants:
+            variant = dict(variants[name])
+            cfg.method = variant.pop("method", None) or ""
+            if cfg.method not in methods.METHODS:
+                raise ValueError(
+                    f"config.variants.{name}.method={cfg.method!r}: must be a registered method "
+                    f"({', '.join(sorted(methods.METHODS))})."
+                )
+            fields = cfg.hparams[cfg.method]
+            unknown = sorted(set(variant) - set(fields.keys()))
+            if unknown:
+                raise ValueError(
+                    f"config.variants.{name} sets {unknown}, which {cfg.method} does not have; its fields: "
+                    f"{sorted(fields.keys())}."
+                )
+            for key, value in variant.items():
+                fields[key] = value
+        else:
+            try:
+                methods.resolve(name)
+            except ValueError as e:
+                raise ValueError(f"config.methods: {e}") from None
+            cfg.method = name
+        cfg = cfg.copy_and_resolve_references()
+        train.validate(cfg, prefix="config.base")
+        methods.build(cfg, prefix="config.base")  # factory errors surface now, not after other runs
+        runs.append((name, cfg))
+    return runs
+
+
+def run_comparison(
+    config, workdir: str | None, *, resume: bool = False, overwrite: bool = False, verbose: bool = True
+) -> list[dict]:
+    runs = run_configs(config)
+    rows, histories = [], {}
+    for name, cfg in runs:
+        result = train.train_and_evaluate(
+            cfg,
+            os.path.join(workdir, name) if workdir else None,
+            resume=resume,
+            overwrite=overwrite,
+            verbose=verbose,
+        )
         summary = result["summary"]
         summary["time_to_target"] = modeled_time_to_target(result["history"], config, summary)
         rows.append(summary)
@@ -101,11 +183,7 @@ def run_comparison(config, workdir: str | None) -> list[dict]:
         add_steps_to_reference_loss(rows, histories, config.loss_target_method)
     print()
     print(format_table(rows, config))
-    print(
-        f"\nModel: {config.base.num_workers} workers, {config.base.dataset}/{config.base.model}; "
-        f"time-to-target = steps x (compute per worker-step + bytes/{config.bandwidth_gbit:g} Gbit/s"
-        f" + {config.latency_ms:g} ms latency per communicating step)."
-    )
+    print(footer(rows, config))
     if workdir:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "results.json"), "w") as f:
@@ -115,15 +193,44 @@ def run_comparison(config, workdir: str | None) -> list[dict]:
     return rows
 
 
+def footer(rows, config) -> str:
+    compile_s = sum(r.get("compile_time") or 0.0 for r in rows)
+    return (
+        f"\nModel: {config.base.num_workers} workers, {config.base.dataset}/{config.base.model}. "
+        f"Time-to-target = steps x compute per worker-step + bytes / {config.bandwidth_gbit:g} Gbit/s"
+        f" + {config.latency_ms:g} ms x communicating steps.\n"
+        "Compute per worker-step = steady-state step time / workers: compilation excluded (the first "
+        f"call of each chunk shape is not counted; {compile_s:.1f}s in all here). 'wall s' includes "
+        "compilation and evaluation."
+    )
+
+
 def main(argv):
-    del argv
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    run_comparison(config, workdir)
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
+    config = f.config
+    if f.list:
+        listing.print_listing(config, default_config.COMPARISON_DOCS, "Comparison config")
+        return
+    path = config_flags.get_config_filename(f["config"]).split(":")[0]
+    workdir = f.workdir or os.path.join("runs", os.path.splitext(os.path.basename(path))[0])
+    try:
+        run_comparison(config, workdir, resume=f.resume, overwrite=f.overwrite)
+    except (ValueError, train.RunExistsError, train.NoIntactCheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
     config_flags.DEFINE_config_file(
         "config", os.path.join(os.path.dirname(__file__), "configs", "compare.py"), "Comparison config."
     )
-    flags.DEFINE_string("workdir", "runs/compare", "Output folder.")
+    flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config name>).")
+    flags.DEFINE_bool("resume", False, "Continue each method from its newest intact checkpoint.")
+    flags.DEFINE_bool("overwrite", False, "Delete earlier checkpoints in the workdir and start over.")
+    flags.DEFINE_bool(
+        "list", False, "Print the config's fields, the registered methods and presets, and exit."
+    )
     app.run(main)

@@ -1,233 +1,459 @@
-"""Named optimizer stacks for experiments: ``config.method`` -> optax transform.
+"""Registered optimizer stacks for experiments: ``config.method`` -> optax transform.
 
-Every entry is built for worker axis ``axis_name`` and returns a transform
-that takes per-worker gradients. ``communicates`` says whether the method
-talks to other workers (then non-finite steps are skipped in agreement over
-the axis; otherwise each worker decides alone).
+A *method* is a registered name plus declared settings: every setting lives in the training
+config under ``config.hparams.<method>`` (``hparams.top_k.ratio``, ``hparams.diloco.sync_every``,
+``hparams.shampoo.block_size``, ...), so each is settable from the command line::
+
+  python -m experiments.main --config.method=diloco --config.hparams.diloco.sync_every=20
+
+A *preset* is a short name for a method with some of its settings fixed (``diloco_h50`` is
+``diloco`` with ``sync_every=50``); the preset writes those values into ``config.hparams``, where
+they are stored with the run. Setting one of a preset's fields to a third value is an error (use
+the method's own name instead). ``python -m experiments.main --list`` prints every method, its
+fields and defaults, and every preset.
+
+Every method is built for worker axis ``axis_name`` and takes per-worker gradients.
+``communicates`` says whether the method talks to other workers (then non-finite steps are skipped
+in agreement over the axis; otherwise each worker decides alone).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 import optdist
 
+FEEDBACK = ("none", "ef", "ef21", "econtrol")
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    build: Callable[[object, str], optax.GradientTransformation]
+    """A registered method: ``build(config, options, axis_name)`` with declared ``options``."""
+
+    name: str
+    build: Callable[[Any, Any, str], optax.GradientTransformation]
+    options: dict
     communicates: bool = True
     description: str = ""
     family: str = "mean"
 
 
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """``method`` with ``settings`` (a subset of its options) fixed."""
+
+    name: str
+    method: str
+    settings: dict
+    description: str = ""
+
+
 METHODS: dict[str, Method] = {}
+PRESETS: dict[str, Preset] = {}
 
 
-def register(name: str, *, communicates: bool = True, description: str = "", family: str = "mean"):
-    """Adds ``fn(config, axis_name) -> transform`` under ``name``; ``family`` groups methods for tests."""
+def register(
+    name: str,
+    options: dict | None = None,
+    *,
+    communicates: bool = True,
+    description: str = "",
+    family: str = "mean",
+):
+    """Registers ``fn(config, options, axis_name) -> transform`` under ``name`` with ``options``."""
 
     def deco(fn):
-        METHODS[name] = Method(fn, communicates, description, family)
+        if name in METHODS or name in PRESETS:
+            raise ValueError(f"Method name {name!r} is registered twice.")
+        METHODS[name] = Method(name, fn, dict(options or {}), communicates, description, family)
         return fn
 
     return deco
+
+
+def preset(name: str, method: str, description: str = "", **settings) -> None:
+    """Registers preset ``name`` = ``method`` with ``settings``."""
+    if name in METHODS or name in PRESETS:
+        raise ValueError(f"Method name {name!r} is registered twice.")
+    unknown = set(settings) - set(METHODS[method].options)
+    if unknown:
+        raise ValueError(f"Preset {name!r} sets unknown {method} options {sorted(unknown)}.")
+    PRESETS[name] = Preset(name, method, settings, description or METHODS[method].description)
+
+
+def default_hparams() -> ml_collections.ConfigDict:
+    """One ConfigDict per registered method holding its options' defaults (``config.hparams``)."""
+    return ml_collections.ConfigDict({name: dict(m.options) for name, m in METHODS.items()})
+
+
+def known_names() -> list[str]:
+    return sorted(METHODS) + sorted(PRESETS)
+
+
+def resolve(name: str) -> tuple[Method, dict]:
+    """``(method, preset settings)`` for a method or preset name; a clear error otherwise."""
+    if name in METHODS:
+        return METHODS[name], {}
+    if name in PRESETS:
+        p = PRESETS[name]
+        return METHODS[p.method], dict(p.settings)
+    hint = ""
+    if name.startswith("robust/"):
+        hint = (
+            " Robust runs are now config fields: --config.method=robust --config.hparams.robust.attack=alie "
+            "--config.hparams.robust.aggregator=trimmed_mean --config.hparams.robust.nnm=True "
+            "--config.hparams.robust.worker_momentum=True."
+        )
+    elif name.startswith("shampoo/"):
+        hint = (
+            " Shampoo settings are now config fields: --config.method=shampoo "
+            "--config.hparams.shampoo.precondition_every=10 --config.hparams.shampoo.block_size=128 "
+            "--config.hparams.shampoo.grafting=adam."
+        )
+    raise ValueError(
+        f"Unknown method {name!r}.{hint} Methods: {', '.join(sorted(METHODS))}. "
+        f"Presets: {', '.join(sorted(PRESETS))}. (`python -m experiments.main --list` describes them.)"
+    )
+
+
+def apply_preset(config, prefix: str = "config") -> None:
+    """Writes ``config.method``'s preset settings into ``config.hparams`` (in place).
+
+    A field the preset fixes must be at the method's default or at the preset's value; any other
+    value was set by the user and would be silently lost, so it is an error.
+    """
+    method, settings = resolve(config.method)
+    options = config.hparams[method.name]
+    for key, value in settings.items():
+        current, default = options[key], method.options[key]
+        if current != default and current != value:
+            raise ValueError(
+                f"{prefix}.hparams.{method.name}.{key}={current!r} conflicts with preset "
+                f"{config.method!r} (which sets {key}={value!r}); use --config.method={method.name} "
+                f"to choose {key} yourself."
+            )
+        options[key] = value
 
 
 def base_optimizer(config) -> optax.GradientTransformation:
     """The per-step optimizer chained after the communication transform."""
     lr = config.learning_rate
     if config.optimizer == "sgd":
-        return optax.sgd(lr, momentum=config.get("momentum", 0.9))
+        return optax.sgd(lr, momentum=config.momentum)
     if config.optimizer == "adam":
         return optax.adam(lr)
     if config.optimizer == "adamw":
-        return optax.adamw(lr, weight_decay=config.get("weight_decay", 1e-4))
+        return optax.adamw(lr, weight_decay=config.weight_decay)
     raise ValueError(f"Unknown optimizer {config.optimizer!r}: choose 'sgd', 'adam' or 'adamw'.")
 
 
+def _feedback(o) -> str | None:
+    if o.feedback not in FEEDBACK:
+        raise ValueError(f"feedback={o.feedback!r}: choose one of {FEEDBACK}.")
+    return None if o.feedback == "none" else o.feedback
+
+
 @register("exact_mean", description="synchronous data parallel: exact all-reduce mean")
-def _exact_mean(config, axis_name):
+def _exact_mean(config, o, axis_name):
     return optax.chain(optdist.mean_gradients(axis_name), base_optimizer(config))
 
 
 @register("local_only", communicates=False, description="each worker trains alone", family="local")
-def _local_only(config, axis_name):
-    del axis_name
+def _local_only(config, o, axis_name):
     return base_optimizer(config)
 
 
 # Gradient compression (issue 3): a compressed mean (optionally with error feedback), then the
 # base optimizer.
-def _compressed(make_compressor, feedback=None):
-    def build_fn(config, axis_name):
-        tx = optdist.compressed_mean(make_compressor(), axis_name, feedback=feedback)
+@register("powersgd", {"rank": 2}, description="PowerSGD (rank) with error feedback", family="compression")
+def _powersgd(config, o, axis_name):
+    return optax.chain(optdist.powersgd(o.rank, axis_name), base_optimizer(config))
+
+
+def _compressed(name, options, make, description):
+    options = {**options, "feedback": options.get("feedback", "none")}
+
+    @register(name, options, description=description, family="compression")
+    def build_fn(config, o, axis_name):
+        tx = optdist.compressed_mean(make(o), axis_name, feedback=_feedback(o))
         return optax.chain(tx, base_optimizer(config))
 
-    return build_fn
 
+_compressed(
+    "top_k",
+    {"ratio": 0.01, "feedback": "ef"},
+    lambda o: optdist.compressors.top_k(o.ratio),
+    "top-k (ratio of entries kept), feedback none/ef/ef21/econtrol",
+)
+_compressed(
+    "qsgd",
+    {"levels": 127, "bucket_size": 512},
+    lambda o: optdist.compressors.qsgd(o.levels, o.bucket_size),
+    "QSGD (levels, bucket_size)",
+)
+_compressed(
+    "terngrad",
+    {"clip_sigma": 2.5},
+    lambda o: optdist.compressors.terngrad(o.clip_sigma),
+    "TernGrad, clipped at clip_sigma standard deviations",
+)
+_compressed(
+    "sign",
+    {"scaled": True, "feedback": "ef"},
+    lambda o: optdist.compressors.sign(scaled=o.scaled),
+    "(scaled) sign compression",
+)
+_compressed(
+    "cast",
+    {"dtype": "bfloat16"},
+    lambda o: optdist.compressors.cast(jnp.dtype(o.dtype)),
+    "cast to a narrower dtype (dtype)",
+)
+_compressed(
+    "demo",
+    {"chunk": 64, "topk": 8},
+    lambda o: optdist.compressors.demo(o.chunk, o.topk),
+    "DeMo: 2-D DCT tiles up to chunk x chunk, top-k coefficients per tile",
+)
+_compressed(
+    "int8",
+    {"bucket_size": 256, "rounding": "nearest", "feedback": "ef"},
+    lambda o: optdist.compressors.int8(o.bucket_size, o.rounding),
+    "int8 per bucket (fused EF kernel)",
+)
+_compressed(
+    "ternary",
+    {"bucket_size": 256, "feedback": "ef"},
+    lambda o: optdist.compressors.ternary(o.bucket_size),
+    "ternary (2-bit) per bucket (fused EF kernel)",
+)
+_compressed(
+    "scaled_sign",
+    {"bucket_size": 256, "feedback": "ef"},
+    lambda o: optdist.compressors.scaled_sign(o.bucket_size),
+    "scaled sign per bucket (fused EF kernel)",
+)
+_compressed(
+    "threshold_top_k",
+    {"ratio": 0.01, "feedback": "ef"},
+    lambda o: optdist.compressors.threshold_top_k(o.ratio),
+    "threshold top-k, no sort (fused EF kernel)",
+)
 
 for _rank in (1, 2, 4):
-    register(f"powersgd_r{_rank}", description=f"PowerSGD rank {_rank} with EF", family="compression")(
-        lambda config, axis_name, r=_rank: optax.chain(optdist.powersgd(r, axis_name), base_optimizer(config))
-    )
-COMPRESSED = {
-    "topk_1pct_ef": (lambda: optdist.compressors.top_k(0.01), "ef", "top-k 1% with EF"),
-    "topk_1pct": (lambda: optdist.compressors.top_k(0.01), None, "top-k 1%, no feedback"),
-    "topk_1pct_ef21": (lambda: optdist.compressors.top_k(0.01), "ef21", "top-k 1% with EF21"),
-    "topk_1pct_econtrol": (lambda: optdist.compressors.top_k(0.01), "econtrol", "top-k 1% with EControl"),
-    "qsgd_8bit": (lambda: optdist.compressors.qsgd(127, 512), None, "QSGD 127 levels, buckets of 512"),
-    "terngrad": (lambda: optdist.compressors.terngrad(2.5), None, "TernGrad, clip 2.5 sigma"),
-    "sign_ef": (lambda: optdist.compressors.sign(scaled=True), "ef", "scaled sign with EF"),
-    "bf16": (lambda: optdist.compressors.cast(jnp.bfloat16), None, "bfloat16 cast"),
-    "demo": (lambda: optdist.compressors.demo(64, 8), None, "DeMo: 2-D DCT tiles up to 64x64, top-8"),
-    "int8_ef": (
-        lambda: optdist.compressors.int8(256, "nearest"),
-        "ef",
-        "int8, buckets of 256, fused EF kernel",
-    ),
-    "ternary_ef": (
-        lambda: optdist.compressors.ternary(256),
-        "ef",
-        "ternary (2-bit), buckets of 256, fused EF",
-    ),
-    "scaled_sign_ef": (
-        lambda: optdist.compressors.scaled_sign(256),
-        "ef",
-        "scaled sign per bucket, fused EF",
-    ),
-    "threshold_topk_1pct_ef": (
-        lambda: optdist.compressors.threshold_top_k(0.01),
-        "ef",
-        "threshold top-k 1% (no sort), fused EF kernel",
-    ),
+    preset(f"powersgd_r{_rank}", "powersgd", f"PowerSGD rank {_rank} with EF", rank=_rank)
+preset("topk_1pct_ef", "top_k", "top-k 1% with EF", ratio=0.01, feedback="ef")
+preset("topk_1pct", "top_k", "top-k 1%, no feedback", ratio=0.01, feedback="none")
+preset("topk_1pct_ef21", "top_k", "top-k 1% with EF21", ratio=0.01, feedback="ef21")
+preset("topk_1pct_econtrol", "top_k", "top-k 1% with EControl", ratio=0.01, feedback="econtrol")
+preset("qsgd_8bit", "qsgd", "QSGD 127 levels, buckets of 512", levels=127, bucket_size=512, feedback="none")
+preset("sign_ef", "sign", "scaled sign with EF", scaled=True, feedback="ef")
+preset("bf16", "cast", "bfloat16 cast", dtype="bfloat16", feedback="none")
+preset("int8_ef", "int8", "int8, buckets of 256, fused EF kernel", bucket_size=256, feedback="ef")
+preset("ternary_ef", "ternary", "ternary (2-bit), buckets of 256, fused EF", bucket_size=256, feedback="ef")
+preset("scaled_sign_ef", "scaled_sign", "scaled sign per bucket, fused EF", bucket_size=256, feedback="ef")
+preset("threshold_topk_1pct_ef", "threshold_top_k", "threshold top-k 1%, fused EF", ratio=0.01, feedback="ef")
+
+
+# Local-update outer loops (issue 5).
+DILOCO = {
+    "sync_every": 50,
+    "outer_lr": 0.7,
+    "outer_momentum": 0.9,
+    "inner_weight_decay": 0.0,
+    "powersgd_rank": 0,  # > 0: pseudo-gradients compressed by PowerSGD of that rank with EF
 }
-for _name, (_make, _fb, _desc) in COMPRESSED.items():
-    register(_name, description=_desc, family="compression")(_compressed(_make, _fb))
 
 
-# Local-update outer loops (issue 5). ``config.sync_every`` sets H where the name has none.
-def _inner_lr(config):
-    return config.learning_rate
+@register(
+    "diloco", DILOCO, description="DiLoCo: inner AdamW (lr = learning_rate), outer Nesterov", family="outer"
+)
+def _diloco(config, o, axis_name):
+    aggregator = {"aggregator": optdist.aggregation.powersgd(o.powersgd_rank)} if o.powersgd_rank else {}
+    return optdist.diloco(
+        inner_lr=config.learning_rate,
+        outer_lr=o.outer_lr,
+        outer_momentum=o.outer_momentum,
+        sync_every=o.sync_every,
+        axis_name=axis_name,
+        inner_weight_decay=o.inner_weight_decay,
+        **aggregator,
+    )
 
 
 for _h in (10, 50, 200):
-
-    def _diloco(config, axis_name, h=_h):
-        return optdist.diloco(
-            inner_lr=_inner_lr(config), sync_every=h, axis_name=axis_name, inner_weight_decay=0.0
-        )
-
-    register(
-        f"diloco_h{_h}", description=f"DiLoCo: inner AdamW, outer Nesterov(0.7, 0.9), H={_h}", family="outer"
-    )(_diloco)
-
-
-@register(
+    preset(f"diloco_h{_h}", "diloco", f"DiLoCo: inner AdamW, outer Nesterov(0.7, 0.9), H={_h}", sync_every=_h)
+preset(
     "diloco_h50_powersgd_r16",
-    description="DiLoCo H=50, pseudo-gradients compressed by PowerSGD rank 16 with error feedback",
-    family="outer",
+    "diloco",
+    "DiLoCo H=50, pseudo-gradients compressed by PowerSGD rank 16 with error feedback",
+    sync_every=50,
+    powersgd_rank=16,
 )
-def _diloco_powersgd(config, axis_name):
-    compressed = optdist.powersgd(16, axis_name)  # compressed_mean(powersgd(16), feedback="ef")
-    return optdist.diloco(
-        inner_lr=_inner_lr(config),
-        sync_every=50,
-        axis_name=axis_name,
-        inner_weight_decay=0.0,
-        aggregator=compressed,
-    )
-
-
-@register("local_sgd_h10", description="Local SGD: base optimizer locally, average every 10", family="outer")
-def _local_sgd(config, axis_name):
-    return optdist.local_sgd(base_optimizer(config), 10, axis_name)
 
 
 @register(
-    "streaming_diloco_h50",
-    description="Streaming DiLoCo: 2 fragments, H=50, tau=5, alpha=0.5",
+    "local_sgd",
+    {"sync_every": 10},
+    description="Local SGD: base optimizer locally, average every sync_every",
     family="outer",
 )
-def _streaming(config, axis_name):
+def _local_sgd(config, o, axis_name):
+    return optdist.local_sgd(base_optimizer(config), o.sync_every, axis_name)
+
+
+preset("local_sgd_h10", "local_sgd", "Local SGD: base optimizer locally, average every 10", sync_every=10)
+
+STREAMING = {
+    "sync_every": 50,
+    "num_fragments": 2,
+    "delay": 5,
+    "alpha": 0.5,
+    "outer_lr": 0.7,
+    "outer_momentum": 0.9,
+    "outer_dtype": "bfloat16",
+    "inner_weight_decay": 0.0,
+}
+
+
+@register(
+    "streaming_diloco",
+    STREAMING,
+    description="Streaming DiLoCo: fragments, overlap delay tau, mixing alpha",
+    family="outer",
+)
+def _streaming(config, o, axis_name):
     return optdist.streaming_diloco(
-        _inner_lr(config),
-        50,
+        config.learning_rate,
+        o.sync_every,
         axis_name,
-        num_fragments=2,
-        delay=5,
-        alpha=0.5,
-        outer_dtype=jnp.bfloat16,
-        inner_weight_decay=0.0,
+        num_fragments=o.num_fragments,
+        delay=o.delay,
+        alpha=o.alpha,
+        outer_lr=o.outer_lr,
+        outer_momentum=o.outer_momentum,
+        outer_dtype=jnp.dtype(o.outer_dtype),
+        inner_weight_decay=o.inner_weight_decay,
     )
 
 
-@register(
-    "qsr_diloco", description="DiLoCo + QSR: H_t = max(10, (0.5 lr_0 / lr_t)^2), cosine lr", family="outer"
+preset(
+    "streaming_diloco_h50",
+    "streaming_diloco",
+    "Streaming DiLoCo: 2 fragments, H=50, tau=5, alpha=0.5",
+    sync_every=50,
 )
-def _qsr(config, axis_name):
-    schedule = optax.cosine_decay_schedule(_inner_lr(config), config.steps, alpha=0.05)
+
+
+@register(
+    "qsr_diloco",
+    {"min_sync_every": 10, "growth": 0.5, "final_lr_fraction": 0.05},
+    description="DiLoCo + QSR: H_t = max(min_sync_every, (growth lr_0 / lr_t)^2), cosine lr",
+    family="outer",
+)
+def _qsr(config, o, axis_name):
+    schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps, alpha=o.final_lr_fraction)
     return optdist.diloco(
         inner_lr=schedule,
-        sync_every=optdist.qsr_sync_every(10, 0.5 * _inner_lr(config), schedule),
+        sync_every=optdist.qsr_sync_every(o.min_sync_every, o.growth * config.learning_rate, schedule),
         axis_name=axis_name,
         inner_weight_decay=0.0,
     )
 
 
-@register("fedavg_h10", description="FedAvg: client SGD, server lr 1.0, H=10", family="outer")
-def _fedavg(config, axis_name):
-    return optdist.fedavg(config.learning_rate, 1.0, 10, axis_name)
+@register(
+    "fedavg",
+    {"sync_every": 10, "server_lr": 1.0},
+    description="FedAvg: client SGD (lr = learning_rate), server SGD",
+    family="outer",
+)
+def _fedavg(config, o, axis_name):
+    return optdist.fedavg(config.learning_rate, o.server_lr, o.sync_every, axis_name)
 
 
-@register("fedadam_h10", description="FedAdam: client SGD, server Adam(lr 0.01), H=10", family="outer")
-def _fedadam(config, axis_name):
-    return optdist.fedadam(config.learning_rate, 0.01, 10, axis_name)
+@register(
+    "fedadam",
+    {"sync_every": 10, "server_lr": 0.01},
+    description="FedAdam: client SGD, server Adam",
+    family="outer",
+)
+def _fedadam(config, o, axis_name):
+    return optdist.fedadam(config.learning_rate, o.server_lr, o.sync_every, axis_name)
+
+
+preset("fedavg_h10", "fedavg", "FedAvg: client SGD, server lr 1.0, H=10", sync_every=10, server_lr=1.0)
+preset(
+    "fedadam_h10", "fedadam", "FedAdam: client SGD, server Adam(lr 0.01), H=10", sync_every=10, server_lr=0.01
+)
 
 
 # Decentralized (no all-reduce): each worker keeps its own parameters and gossips them with its graph
 # neighbours after the base optimizer's local step. Evaluation averages the workers' own models.
+@register(
+    "dsgd",
+    {"graph": "ring", "gossip_every": 1},
+    description="D-SGD: local step, then gossip on graph",
+    family="decentralized",
+)
+def _dsgd(config, o, axis_name):
+    return optax.chain(
+        base_optimizer(config), optdist.gossip(o.graph, axis_name, gossip_every=o.gossip_every)
+    )
+
+
 for _graph in ("ring", "exponential", "one_peer_exponential"):
-    register(
-        f"dsgd_{_graph}", description=f"D-SGD: local step, then gossip on a {_graph}", family="decentralized"
-    )(lambda config, axis_name, g=_graph: optax.chain(base_optimizer(config), optdist.gossip(g, axis_name)))
+    preset(f"dsgd_{_graph}", "dsgd", f"D-SGD: local step, then gossip on a {_graph}", graph=_graph)
 
 
 @register(
+    "choco",
+    {"graph": "ring", "ratio": 0.1, "consensus_step_size": 0.3},
+    description="CHOCO-SGD: gossip of top-k (ratio) compressed changes, consensus_step_size",
+    family="decentralized",
+)
+def _choco(config, o, axis_name):
+    compressor = optdist.compressors.top_k(o.ratio)
+    gossip = optdist.gossip(o.graph, axis_name, compressor, consensus_step_size=o.consensus_step_size)
+    return optax.chain(base_optimizer(config), gossip)
+
+
+preset(
     "choco_ring_topk10",
-    description="CHOCO-SGD: ring gossip of top-10% compressed changes, consensus step 0.3",
-    family="decentralized",
+    "choco",
+    "CHOCO-SGD: ring gossip of top-10% changes, consensus step 0.3",
+    graph="ring",
+    ratio=0.1,
+    consensus_step_size=0.3,
 )
-def _choco(config, axis_name):
-    compressor = optdist.compressors.top_k(0.1)
-    step_size = config.get("consensus_step_size", 0.3)
-    return optax.chain(
-        base_optimizer(config), optdist.gossip("ring", axis_name, compressor, consensus_step_size=step_size)
-    )
 
 
 @register(
-    "gradient_tracking_ring",
-    description="gradient tracking (DIGing): ring-gossiped gradient tracker, then ring gossip",
+    "gradient_tracking",
+    {"graph": "ring"},
+    description="gradient tracking (DIGing): gossiped gradient tracker, then gossip",
     family="decentralized",
 )
-def _gradient_tracking(config, axis_name):
+def _gradient_tracking(config, o, axis_name):
     return optax.chain(
-        optdist.gradient_tracking("ring", axis_name),
+        optdist.gradient_tracking(o.graph, axis_name),
         base_optimizer(config),
-        optdist.gossip("ring", axis_name, order="combine_then_adapt"),
+        optdist.gossip(o.graph, axis_name, order="combine_then_adapt"),
     )
+
+
+preset("gradient_tracking_ring", "gradient_tracking", "gradient tracking on a ring", graph="ring")
 
 
 # Preconditioning (issue 4): Shampoo after the exact mean, so statistics are identical on all workers.
-# "shampoo" uses SHAMPOO_DEFAULTS updated by config.shampoo; "shampoo/every<k>/block<b>/graft<type>"
-# (each part optional) overrides the refresh cadence, the block size and the grafting type.
 SHAMPOO_DEFAULTS = {  # tuned on the char-LM (BENCHMARKS.md): Shampoo of the filtered gradient
     "learning_rate": 3e-3,
+    "weight_decay": 0.0,
     "block_size": 128,
     "precondition_every": 10,
     "start_preconditioning_step": 10,
@@ -241,114 +467,247 @@ SHAMPOO_DEFAULTS = {  # tuned on the char-LM (BENCHMARKS.md): Shampoo of the fil
 }
 
 
-def _shampoo_options(config, overrides: dict) -> dict:
-    options = dict(SHAMPOO_DEFAULTS)
-    unknown = set(config.get("shampoo", {})) - set(options)
-    if unknown:
-        raise ValueError(f"config.shampoo has unknown keys {sorted(unknown)}; known: {sorted(options)}.")
-    options.update(dict(config.get("shampoo", {})))
-    options.update(overrides)
-    return options
+@register(
+    "shampoo",
+    SHAMPOO_DEFAULTS,
+    description="exact mean + Shampoo (own learning_rate, weight_decay)",
+    family="preconditioning",
+)
+def _shampoo(config, o, axis_name):
+    options = o.to_dict()
+    lr, ema, wd = options.pop("learning_rate"), options.pop("gradient_ema"), options.pop("weight_decay")
+    return optax.chain(
+        optdist.mean_gradients(axis_name),
+        *([optax.ema(ema, debias=True)] if ema else []),
+        optdist.shampoo(lr, weight_decay=wd, **options),
+    )
 
 
-def shampoo_method(name: str) -> Method:
-    """Parses ``shampoo[/every<k>][/block<b>][/graft<type>]`` into a :class:`Method`."""
-    overrides = {}
-    for part in name.split("/")[1:]:
-        if part.startswith("graft") and part[5:] in ("sgd", "adagrad", "rmsprop", "adam", "none"):
-            overrides["grafting"] = part[5:]
-            continue
-        for prefix, key in (("every", "precondition_every"), ("block", "block_size")):
-            if part.startswith(prefix) and part[len(prefix) :].isdigit():
-                overrides[key] = int(part[len(prefix) :])
-                break
-        else:
-            raise ValueError(
-                f"Shampoo methods are named shampoo[/every<k>][/block<b>][/graft<type>]; got {name!r}."
-            )
-
-    def build_fn(config, axis_name):
-        options = _shampoo_options(config, overrides)
-        lr, ema = options.pop("learning_rate"), options.pop("gradient_ema")
-        return optax.chain(
-            optdist.mean_gradients(axis_name),
-            *([optax.ema(ema, debias=True)] if ema else []),
-            optdist.shampoo(lr, weight_decay=config.get("weight_decay", 0.0), **options),
-        )
-
-    return Method(build_fn, True, f"exact mean + Shampoo {overrides or ''}".strip(), "preconditioning")
-
-
-METHODS["shampoo"] = shampoo_method("shampoo")
-
-
-# Byzantine robustness (issue 6): parametric names "robust/<attack>/<aggregator>[+nnm][+mom]",
-# with f = config.num_byzantine Byzantine workers (the first f).
+# Byzantine robustness (issue 6): f = config.num_byzantine Byzantine workers (the first f).
 ATTACKS = {
     "none": None,
-    "sign_flip": lambda: optdist.attacks.sign_flip(4.0),  # sends -4 g: reverses the plain mean at f=2/10
-    "ipm": lambda: optdist.attacks.ipm(10.0),  # Xie et al.'s large-epsilon IPM (reverses the mean)
-    "alie": lambda: optdist.attacks.alie(),
-    "gaussian": lambda: optdist.attacks.gaussian(1.0),
-    "mimic": lambda: optdist.attacks.mimic(),
-    "nan_inf": lambda: optdist.attacks.nan_inf(),
+    "sign_flip": lambda o: optdist.attacks.sign_flip(o.sign_flip_scale),  # -4 g reverses the mean at f=2/10
+    "ipm": lambda o: optdist.attacks.ipm(o.ipm_eps),  # Xie et al.'s large-epsilon IPM (reverses the mean)
+    "alie": lambda o: optdist.attacks.alie(),
+    "gaussian": lambda o: optdist.attacks.gaussian(o.gaussian_std),
+    "mimic": lambda o: optdist.attacks.mimic(),
+    "nan_inf": lambda o: optdist.attacks.nan_inf(),
 }
 AGGREGATORS = {
-    "mean": lambda f: optdist.aggregators.mean(),
-    "median": lambda f: optdist.aggregators.median(),
-    "trimmed_mean": lambda f: optdist.aggregators.trimmed_mean(f),
-    "krum": lambda f: optdist.aggregators.krum(f),
-    "geometric_median": lambda f: optdist.aggregators.geometric_median(),
-    "centered_clip": lambda f: optdist.aggregators.centered_clip(tau=0.5, iters=3),
-    "monna": lambda f: optdist.aggregators.monna(f),
-    "flag": lambda f: optdist.aggregators.flag(),
+    "mean": lambda f, o: optdist.aggregators.mean(),
+    "median": lambda f, o: optdist.aggregators.median(),
+    "trimmed_mean": lambda f, o: optdist.aggregators.trimmed_mean(f),
+    "krum": lambda f, o: optdist.aggregators.krum(f),
+    "geometric_median": lambda f, o: optdist.aggregators.geometric_median(),
+    "centered_clip": lambda f, o: optdist.aggregators.centered_clip(tau=o.clip_tau, iters=o.clip_iters),
+    "monna": lambda f, o: optdist.aggregators.monna(f),
+    "flag": lambda f, o: optdist.aggregators.flag(),
+}
+ROBUST = {
+    "attack": "none",
+    "aggregator": "mean",
+    "nnm": False,  # nearest-neighbour mixing before aggregating
+    "worker_momentum": False,  # aggregate per-worker momentum m_i = g_i + 0.9 m_i instead of g_i
+    "sign_flip_scale": 4.0,
+    "ipm_eps": 10.0,
+    "gaussian_std": 1.0,
+    "clip_tau": 0.5,
+    "clip_iters": 3,
 }
 
 
-def robust_method(name: str) -> Method:
-    """Parses ``robust/<attack>/<aggregator>[+nnm][+mom]`` into a :class:`Method`."""
+@register(
+    "robust",
+    ROBUST,
+    description="robust mean under config.num_byzantine attackers, then SGD(learning_rate, momentum)",
+    family="robust",
+)
+def _robust(config, o, axis_name):
+    if o.attack not in ATTACKS:
+        raise ValueError(f"attack={o.attack!r}: choose one of {sorted(ATTACKS)}.")
+    if o.aggregator not in AGGREGATORS:
+        raise ValueError(f"aggregator={o.aggregator!r}: choose one of {sorted(AGGREGATORS)}.")
+    f = config.num_byzantine
+    parts = []
+    if o.worker_momentum:
+        parts.append(optax.trace(decay=0.9))
+    if ATTACKS[o.attack] is not None:
+        parts.append(optdist.attacks.byzantine(ATTACKS[o.attack](o), num_byzantine=f, axis_name=axis_name))
+    pre = optdist.aggregators.nnm(f) if o.nnm else None
+    parts.append(optdist.robust_mean(AGGREGATORS[o.aggregator](f, o), axis_name, pre_aggregation=pre))
+    momentum = 0.0 if o.worker_momentum else config.momentum
+    parts.append(optax.sgd(config.learning_rate, momentum=momentum or None))
+    return optax.chain(*parts)
+
+
+preset(
+    "trimmed_mean_nnm_mom",
+    "robust",
+    "robust trimmed mean with NNM and worker momentum (no attack)",
+    aggregator="trimmed_mean",
+    nnm=True,
+    worker_momentum=True,
+)
+
+
+# --------------------------------------------------------------------------- #
+# Compressed outer syncs (issue 14): low-bit and sparse pseudo-gradients.
+
+CODECS = ("none", "int8", "int8_6sigma", "fp4", "int2", "sparse")
+SYNC_CODEC = {
+    "codec": "int8",  # one of CODECS
+    "feedback": "none",  # "none" or "ef" (error feedback on the pseudo-gradients)
+    "error_decay": 1.0,  # beta of the decayed EF accumulator (SparseLoCo), feedback="ef" only
+    "density": 0.03,  # codec="sparse": kept fraction per chunk
+    "value_bits": 2,  # codec="sparse": bits per kept value
+    "chunk_size": 4096,  # entries per scale (and per top-k chunk)
+}
+
+
+def _sync_aggregator(o):
+    """The outer sync's aggregator from the ``SYNC_CODEC`` fields (None: the exact mean)."""
+    if o.codec not in CODECS:
+        raise ValueError(f"codec={o.codec!r}: choose one of {CODECS}.")
+    q = optdist.compressors
+    codecs = {
+        "int8": lambda: q.quantize(8, chunk_size=o.chunk_size),
+        "int8_6sigma": lambda: q.quantize(8, scale="sigma", sigmas=6.0),
+        "fp4": lambda: q.quantize(4, "e2m1", chunk_size=o.chunk_size),
+        "int2": lambda: q.quantize(2, chunk_size=o.chunk_size),
+        "sparse": lambda: q.chunked_top_k(o.density, o.chunk_size, o.value_bits),
+    }
+    if o.codec == "none":
+        return None
+    decay = {"error_decay": o.error_decay} if o.feedback == "ef" else {}
+    return optdist.aggregation.compressed(codecs[o.codec](), _feedback(o), **decay)
+
+
+@register(
+    "diloco_compressed",
+    {"sync_every": 100, "outer_lr": 0.7, "outer_momentum": 0.9, "overlap": False, **SYNC_CODEC},
+    description="DiLoCo whose sync sends low-bit / sparse pseudo-gradients (codec, feedback, ...)",
+    family="outer",
+)
+def _diloco_compressed(config, o, axis_name):
+    return optdist.diloco(
+        inner_lr=config.learning_rate,
+        outer_lr=o.outer_lr,
+        outer_momentum=o.outer_momentum,
+        sync_every=o.sync_every,
+        axis_name=axis_name,
+        inner_weight_decay=0.0,
+        aggregator=_sync_aggregator(o),
+        overlap=o.overlap,
+    )
+
+
+@register(
+    "streaming_diloco_compressed",
+    {**STREAMING, "sync_every": 100, "outer_dtype": "float32", **SYNC_CODEC, "codec": "fp4"},
+    description="Streaming DiLoCo with each fragment's sync compressed (default 4-bit E2M1)",
+    family="outer",
+)
+def _streaming_compressed(config, o, axis_name):
+    return optdist.streaming_diloco(
+        config.learning_rate,
+        o.sync_every,
+        axis_name,
+        num_fragments=o.num_fragments,
+        delay=o.delay,
+        alpha=o.alpha,
+        outer_lr=o.outer_lr,
+        outer_momentum=o.outer_momentum,
+        inner_weight_decay=o.inner_weight_decay,
+        aggregator=_sync_aggregator(o),
+    )
+
+
+@register(
+    "sparseloco",
+    {
+        "sync_every": 30,
+        "density": 0.03,
+        "chunk_size": 4096,
+        "value_bits": 2,
+        "error_decay": 0.95,
+        "outer_lr": 1.0,
+    },
+    description="SparseLoCo: chunk top-k + 2-bit values + decayed EF instead of outer momentum",
+    family="outer",
+)
+def _sparseloco(config, o, axis_name):
+    return optdist.sparseloco(
+        config.learning_rate,
+        o.sync_every,
+        axis_name,
+        density=o.density,
+        chunk_size=o.chunk_size,
+        value_bits=o.value_bits,
+        error_decay=o.error_decay,
+        outer_lr=o.outer_lr,
+        inner_weight_decay=0.0,
+    )
+
+
+@register(
+    "muloco",
+    {
+        "sync_every": 30,
+        "inner_lr": 0.02,
+        "bits": 2,
+        "chunk_size": 4096,
+        "outer_lr": 0.7,
+        "outer_momentum": 0.9,
+    },
+    description="MuLoCo: Muon inner optimizer (inner_lr), 2-bit EF pseudo-gradients, Nesterov outer",
+    family="outer",
+)
+def _muloco(config, o, axis_name):
+    return optdist.muloco(
+        o.inner_lr,
+        o.sync_every,
+        axis_name,
+        bits=o.bits,
+        chunk_size=o.chunk_size,
+        outer_lr=o.outer_lr,
+        outer_momentum=o.outer_momentum,
+    )
+
+
+def build(config, axis_name: str = "data", prefix: str = "config") -> optax.GradientTransformation:
+    """The transform named by ``config.method`` (method or preset), wrapped in the agreed non-finite skip.
+
+    Preset settings are written into ``config.hparams`` first; a factory's error names the config
+    field group it came from.
+    """
+    method, _ = resolve(config.method)
+    apply_preset(config, prefix)
+    options = config.hparams[method.name]
     try:
-        _, attack, agg = name.split("/")
-    except ValueError:
-        raise ValueError(
-            f"Robust methods are named robust/<attack>/<aggregator>[+nnm][+mom]; got {name!r}."
-        ) from None
-    agg, *flags = agg.split("+")
-    if attack not in ATTACKS or agg not in AGGREGATORS or set(flags) - {"nnm", "mom"}:
-        raise ValueError(
-            f"Unknown robust method {name!r}: attacks {sorted(ATTACKS)}, aggregators {sorted(AGGREGATORS)}, "
-            "options +nnm, +mom."
-        )
-
-    def build_fn(config, axis_name):
-        f = config.get("num_byzantine", 2)
-        parts = []
-        if "mom" in flags:  # worker momentum m_i = g_i + 0.9 m_i (per worker), aggregated instead of g_i
-            parts.append(optax.trace(decay=0.9))
-        if ATTACKS[attack] is not None:
-            parts.append(optdist.attacks.byzantine(ATTACKS[attack](), num_byzantine=f, axis_name=axis_name))
-        pre = optdist.aggregators.nnm(f) if "nnm" in flags else None
-        parts.append(optdist.robust_mean(AGGREGATORS[agg](f), axis_name, pre_aggregation=pre))
-        momentum = 0.0 if "mom" in flags else config.get("momentum", 0.9)
-        parts.append(optax.sgd(config.learning_rate, momentum=momentum or None))
-        return optax.chain(*parts)
-
-    return Method(build_fn, True, f"{agg} under {attack}", "robust")
-
-
-def build(config, axis_name: str = "data") -> optax.GradientTransformation:
-    """The transform named by ``config.method``, wrapped in the agreed non-finite skip."""
-    if config.method.startswith("robust/"):
-        method = robust_method(config.method)
-    elif config.method.startswith("shampoo/"):
-        method = shampoo_method(config.method)
-    elif config.method in METHODS:
-        method = METHODS[config.method]
-    else:
-        raise ValueError(
-            f"Unknown method {config.method!r}; choose one of {sorted(METHODS)}, robust/... or shampoo/..."
-        )
-    tx = method.build(config, axis_name)
-    if config.get("skip_nonfinite", True):
+        tx = method.build(config, options, axis_name)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{prefix}.hparams.{method.name} ({config.method}): {e}") from e
+    if config.skip_nonfinite:
         tx = optdist.skip_nonfinite(tx, axis_name if method.communicates else None)
     return tx
+
+
+def communicates(config) -> bool:
+    return resolve(config.method)[0].communicates
+
+
+def describe(hparams=None) -> str:
+    """Text listing every method with its fields (values from ``hparams``, else defaults), and presets."""
+    lines = ["Methods (--config.method=NAME; fields: --config.hparams.NAME.FIELD=VALUE):"]
+    for name, m in METHODS.items():
+        lines.append(f"  {name:<20} {m.description}")
+        current = hparams[name] if hparams is not None and name in hparams else m.options
+        for key, default in m.options.items():
+            value = current[key]
+            note = "" if value == default else f"  (default {default!r})"
+            lines.append(f"      {key} = {value!r}{note}")
+    lines.append("Presets (a method with some fields fixed):")
+    for name, p in PRESETS.items():
+        fields = ", ".join(f"{k}={v!r}" for k, v in p.settings.items())
+        lines.append(f"  {name:<24} = {p.method}({fields})")
+    return "\n".join(lines)

@@ -9,12 +9,11 @@ validation loss.
 
 import ml_collections
 
-from experiments.configs import charlm
+from experiments.configs import charlm, default
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.base = charlm.get_config()
+    c = default.comparison(charlm.get_config())
     c.base.steps = 1000
     c.base.eval_every = 50
     c.methods = (

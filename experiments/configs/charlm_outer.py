@@ -5,12 +5,11 @@ python -m experiments.compare --config=experiments/configs/charlm_outer.py --wor
 
 import ml_collections
 
-from experiments.configs import charlm
+from experiments.configs import charlm, default
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.base = charlm.get_config()
+    c = default.comparison(charlm.get_config())
     c.base.steps = 3000
     c.base.eval_every = 250
     c.methods = "exact_mean,diloco_h10,diloco_h50,diloco_h200,local_sgd_h10,streaming_diloco_h50,qsr_diloco"

@@ -1,22 +1,23 @@
 """The main job: digits, 8 simulated workers, every method side by side.
 
-``methods`` lists (comma-separated) names from ``experiments.methods.METHODS``; ``base`` is the
-training config each runs with. Time-to-target uses a stated bandwidth model:
-a step costs (measured compute time of one worker) + (bytes it sends) /
-``bandwidth_gbit`` Gbit/s + ``latency_ms`` per step that communicates.
+  python -m experiments.compare                      # writes runs/compare/{results.json,plot.png}
+
+``methods`` lists (comma-separated) method or preset names from ``experiments.methods`` (or names
+in ``variants``); ``base`` is the training config each runs with. Time-to-target uses a stated
+network model: a step costs (steady-state compute time of one worker, compilation excluded) +
+(bytes it sends) / ``bandwidth_gbit`` Gbit/s, plus ``latency_ms`` per step that communicates.
 """
 
 import ml_collections
 
-from experiments.configs import digits
+from experiments.configs import default, digits
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.base = digits.get_config()
+    c = default.comparison(digits.get_config())
     c.methods = (  # comma-separated names from experiments.methods
         "exact_mean,local_only,powersgd_r2,topk_1pct_ef,topk_1pct,sign_ef,local_sgd_h10,"
-        "robust/none/trimmed_mean+nnm+mom,shampoo"
+        "trimmed_mean_nnm_mom,shampoo"
     )
     c.target_accuracy = 0.95
     c.bandwidth_gbit = 1.0

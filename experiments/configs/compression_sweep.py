@@ -7,12 +7,11 @@ The plot's right panel is test accuracy against MiB sent per worker.
 
 import ml_collections
 
-from experiments.configs import digits
+from experiments.configs import default, digits
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.base = digits.get_config()
+    c = default.comparison(digits.get_config())
     c.base.hidden = 512
     c.base.steps = 500
     c.methods = (

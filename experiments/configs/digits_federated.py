@@ -5,12 +5,11 @@ python -m experiments.compare --config=experiments/configs/digits_federated.py -
 
 import ml_collections
 
-from experiments.configs import digits
+from experiments.configs import default, digits
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.base = digits.get_config()
+    c = default.comparison(digits.get_config())
     c.base.classes_per_worker = 2
     c.base.optimizer = "sgd"
     c.base.momentum = 0.0

@@ -1,9 +1,11 @@
 """Byzantine robustness on digits: n = 10 workers, f of them Byzantine, attack x aggregator grid.
 
-  python -m experiments.robustness --workdir=runs/robustness
+  python -m experiments.robustness                    # writes runs/robustness/
 
-Each cell trains ``robust/<attack>/<aggregator><variant>`` (see experiments.methods) and reports
-the final test accuracy; variants add nearest-neighbour mixing (+nnm) and worker momentum (+mom).
+Each cell trains method ``robust`` with ``hparams.robust.attack`` and ``hparams.robust.aggregator``
+set to the cell's attack and aggregator and the row's variant on top, and reports the final test
+accuracy. Variants: ``plain``, ``nnm`` (nearest-neighbour mixing), ``mom`` (worker momentum),
+``nnm_mom`` (both).
 """
 
 import ml_collections
@@ -21,6 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.base.learning_rate = 0.05
     c.attacks = "none,sign_flip,ipm,alie,gaussian,mimic,nan_inf"
     c.aggregators = "mean,median,trimmed_mean,krum,geometric_median,centered_clip,monna,flag"
-    c.variants = ",+nnm+mom"  # comma-separated suffixes ("" = plain)
+    c.variants = "plain,nnm_mom"  # comma-separated: plain, nnm, mom, nnm_mom
     c.num_byzantine = "2"  # comma-separated f values
     return c

@@ -17,7 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def resumable(method, steps, **overrides):
-    return tiny_digits(method, steps=steps, checkpoint_every=20, keep_checkpoints=2, **overrides)
+    c = tiny_digits(method, steps=steps, checkpoint_every=20, keep_checkpoints=2, **overrides)
+    if method == "robust":  # robust aggregation with its stateful aggregator and an attack
+        c.hparams.robust.update(
+            dict(attack="alie", aggregator="centered_clip", nnm=True, worker_momentum=True)
+        )
+    return c
 
 
 def assert_bitwise_equal(a, b):
@@ -28,10 +33,9 @@ def strip_time(history):
     return [{k: v for k, v in r.items() if k != "wall_time"} for r in history]
 
 
-# One method per transform family (the first registered), so every family is covered.
-REPRESENTATIVES = list({m.family: name for name, m in reversed(list(methods.METHODS.items()))}.values()) + [
-    "robust/alie/centered_clip+nnm+mom"  # robust aggregation with its stateful aggregator and an attack
-]
+# One method (or preset) per transform family, so every family is covered.
+REPRESENTATIVES = ["exact_mean", "local_only", "powersgd_r1", "diloco_h10", "dsgd_ring", "shampoo", "robust"]
+assert {methods.resolve(n)[0].family for n in REPRESENTATIVES} == {m.family for m in methods.METHODS.values()}
 
 
 @pytest.mark.parametrize("execution", ["simulate", "data_parallel"])
@@ -78,5 +82,5 @@ def test_resume_after_process_restart(tmp_path):
 
 
 def test_checkpoint_every_must_align_with_eval():
-    with pytest.raises(ValueError, match="checkpoint_every=15 must be a multiple of eval_every=10"):
+    with pytest.raises(ValueError, match="checkpoint_every=15: must be a multiple of eval_every=10"):
         train.train_and_evaluate(tiny_digits(checkpoint_every=15), "/tmp/unused", verbose=False)

@@ -1,0 +1,61 @@
+"""Char-LM, 8 workers: which composition of outer loop x pseudo-gradient codec pays (issue 14).
+
+python -m experiments.compare --config=experiments/configs/charlm_composition.py
+python -m experiments.pareto runs/charlm_composition    # the bytes table (two networks) + Pareto plot
+
+Every method trains the same model on the same tokens for the same number of steps; only the
+communication differs. ``exact_mean`` is synchronous data-parallel AdamW (lr 3e-3, the best of
+{1e-3, 3e-3, 1e-2} on this model in BENCHMARKS.md); every DiLoCo-family method uses that lr as its
+inner AdamW lr.
+"""
+
+import ml_collections
+
+from experiments.configs import charlm, default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = default.comparison(charlm.get_config())
+    c.base.steps = 3000
+    c.base.eval_every = 250
+    v = c.variants
+    v.diloco_h30 = {"method": "diloco", "sync_every": 30, "inner_weight_decay": 0.0}
+    v.diloco_h100 = {"method": "diloco", "sync_every": 100, "inner_weight_decay": 0.0}
+    v.diloco_h100_int8 = {"method": "diloco_compressed", "sync_every": 100, "codec": "int8"}
+    v.streaming_h100_fp4 = {
+        "method": "streaming_diloco_compressed",
+        "sync_every": 100,
+        "num_fragments": 4,
+        "delay": 5,
+        "alpha": 0.5,
+        "codec": "fp4",
+    }
+    v.sparseloco_h30 = {"method": "sparseloco", "sync_every": 30, "density": 0.03}
+    v.sparseloco_h100 = {"method": "sparseloco", "sync_every": 100, "density": 0.03}
+    v.muloco_h100 = {"method": "muloco", "sync_every": 100}
+    v.demo = {"method": "demo"}
+    v.diloco_h100_int2_ef = {
+        "method": "diloco_compressed",
+        "sync_every": 100,
+        "codec": "int2",
+        "feedback": "ef",
+    }
+    c.methods = ",".join(
+        [
+            "exact_mean",
+            "diloco_h30",
+            "diloco_h100",
+            "diloco_h100_int8",
+            "streaming_h100_fp4",
+            "sparseloco_h30",
+            "sparseloco_h100",
+            "muloco_h100",
+            "demo",
+            "diloco_h100_int2_ef",
+        ]
+    )
+    c.target_accuracy = 0.5  # next-character accuracy on the validation text
+    c.bandwidth_gbit = 1.0
+    c.latency_ms = 10.0
+    c.loss_target_method = "exact_mean"
+    return c
