@@ -216,6 +216,19 @@ def test_gated_steps_take_both_branches(name):
     assert len(set(map(tuple, deltas))) == STEPS, f"{name}: both steps sent the same"
 
 
+def test_every_gate_with_collectives_is_audited_on_both_sides():
+    """A transform added to the common suite whose step has a branch with collectives must join GATED
+    (so a step with the gate open and one with it shut are both audited)."""
+    with_gates = {
+        name
+        for name in NAMES
+        if any(
+            _audit(name)[0].holds_collectives(b) for c in _audit(name)[0].conditionals() for b in c.branches
+        )
+    }
+    assert with_gates == GATED - SHAMPOO
+
+
 @pytest.mark.parametrize("name", sorted(SHAMPOO))
 def test_shampoo_refresh_and_plain_steps(name):
     """Of the two steps one refreshes the roots (precondition_every=2; the default
