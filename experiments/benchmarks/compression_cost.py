@@ -30,8 +30,8 @@ simulated workers together:
   counter (at ``W = 2`` a ring all-reduce and an all-gather both send exactly one payload, so ``P``
   is the payload size); for the exact mean the gradient is the payload (``P = 0``, floor ``2*W*G``);
 * ``hlo_ratio`` = hlo_bytes / floor (and ``xla_ratio``), and ``time_ratio``: the step's median time
-  over the exact mean's, measured in the same run (the exact mean is timed first and last; its mean is
-  the baseline, both figures are in the JSON).
+  over the exact mean's, measured in the same run (the exact mean is timed again after every row; a
+  row's baseline is the mean of the exact timings just before and after it, all of them in the JSON).
 
 Bytes accessed are deterministic for a given jax / XLA version and backend; times on a shared CPU are
 not. Nothing here changes a compressor: the figures measure the library as it is.
@@ -139,17 +139,22 @@ def _tree(args) -> dict[str, tuple[int, ...]]:
     return resnet50_shapes(width_divisor=args.width_divisor, num_classes=args.num_classes, blocks=blocks)
 
 
-def measure_step(tx, params, grads, workers: int, repeats: int) -> dict:
-    """Compiles one simulated step of ``tx``; its bytes (XLA's, trip-counted), sent bytes and time."""
+def measure_step(tx, params, grads, workers: int, repeats: int) -> tuple[dict, Callable[[], float]]:
+    """Compiles one simulated step of ``tx``: its bytes (XLA's, trip-counted), sent bytes and time,
+    and a function that times it again."""
     state = optdist.replicate(tx.init(params), workers)
     step = optdist.simulate(lambda g, s: tx.update(g, s, params), "data")
     start = time.perf_counter()
     compiled = step.lower(grads, state).compile()
     compile_s = time.perf_counter() - start
     cost = hlo_cost.bytes_accessed(compiled.as_text())
-    seconds = seconds_per_call(compiled, grads, state, repeats=repeats)
+
+    def timer() -> float:
+        return seconds_per_call(compiled, grads, state, repeats=repeats)
+
+    seconds = timer()
     _, new_state = compiled(grads, state)
-    return {
+    measured = {
         "xla_bytes": hlo_cost.xla_bytes_accessed(compiled),
         "hlo_bytes": cost.total,
         "hlo_bytes_once": cost.once,
@@ -161,6 +166,7 @@ def measure_step(tx, params, grads, workers: int, repeats: int) -> dict:
         "seconds": seconds,
         "compile_seconds": compile_s,
     }
+    return measured, timer
 
 
 def run(args) -> dict:
@@ -191,13 +197,9 @@ def run(args) -> dict:
     print(f"{num_params:,} params in {len(shapes)} leaves, {w} simulated workers, {describe(info)}")
     print(FLOOR_FORMULA)
     print(format_header(COLUMNS), flush=True)
-    progress = Progress(len(rows) + 2)
-
-    def exact_step():
-        tx = optdist.mean_gradients("data")
-        return measure_step(tx, params, grads, w, args.repeats)
-
-    exact = exact_step()
+    progress = Progress(len(rows) + 1)
+    exact, exact_timer = measure_step(optdist.mean_gradients("data"), params, grads, w, args.repeats)
+    exact_times = [exact["seconds"]]
     progress.step("exact_mean")
 
     def make_row(name: str, m: dict, payload: int) -> dict:
@@ -212,43 +214,45 @@ def run(args) -> dict:
             "hlo_mb": m["hlo_bytes"] / 1e6,
             "floor_mb": floor / 1e6,
             "ms": 1e3 * m["seconds"],
-            "time_ratio": m["seconds"] / exact["seconds"],  # replaced by the final baseline below
         }
 
-    print(format_row(results.add(make_row("exact_mean", exact, 0)), COLUMNS), flush=True)
+    exact_row = results.add(make_row("exact_mean", exact, 0))
+    exact_row["time_ratio"] = 1.0
+    print(format_row(exact_row, COLUMNS), flush=True)
     for name, make, fb in rows:
         try:
             tx = optdist.compressed_mean(make(), "data", feedback=fb)
-            m = measure_step(tx, params, grads, w, args.repeats)
-            print(format_row(results.add(make_row(name, m, m["sent_bytes_per_worker"])), COLUMNS), flush=True)
+            m, _ = measure_step(tx, params, grads, w, args.repeats)
+            # The exact mean is timed again after every row: each row's baseline is the mean of the exact
+            # timings just before and just after it, so drift on a shared machine affects both alike.
+            exact_times.append(exact_timer())
+            row = make_row(name, m, m["sent_bytes_per_worker"])
+            row["exact_seconds_adjacent"] = 0.5 * (exact_times[-2] + exact_times[-1])
+            row["time_ratio"] = m["seconds"] / row["exact_seconds_adjacent"]
+            print(format_row(results.add(row), COLUMNS), flush=True)
         except Exception as exc:  # noqa: BLE001 - one compressor failing to build or compile fails its row
             results.add({"method": name, "error": f"{type(exc).__name__}: {exc}"})
             print(f"{name:<28}ERROR {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         progress.step(name)
 
-    # The exact mean again at the end: the mean of both runs is the time baseline (drift is visible).
-    again = exact_step()["seconds"]
-    progress.step("exact_mean (again)")
-    baseline = 0.5 * (exact["seconds"] + again)
-    for row in results.rows:
-        if "seconds" in row:
-            row["time_ratio"] = row["seconds"] / baseline
+    exact_row["seconds"] = float(np.median(exact_times))
+    exact_row["ms"] = 1e3 * exact_row["seconds"]
+    spread = f"{1e3 * min(exact_times):.2f}-{1e3 * max(exact_times):.2f}"
     print()
     print_rows(
-        f"compressed_mean step cost ({num_params:,} params, {w} simulated workers; "
-        f"times vs the exact mean's {1e3 * baseline:.2f} ms, its two runs {1e3 * exact['seconds']:.2f} / "
-        f"{1e3 * again:.2f} ms)",
+        f"compressed_mean step cost ({num_params:,} params, {w} simulated workers; each time ratio is "
+        f"against the exact mean timed next to it: median {exact_row['ms']:.2f} ms, range {spread} ms)",
         [r for r in results.rows if "seconds" in r],
         COLUMNS,
     )
-    return results.finish(exact_mean_seconds=[exact["seconds"], again], baseline_seconds=baseline)
+    return results.finish(exact_mean_seconds=exact_times)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="JSON output path (rewritten after every row)")
     parser.add_argument("--workers", type=int, default=2, help="simulated workers (2: P is the payload)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per step (median)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per step (median)")
     parser.add_argument("--width-divisor", type=int, default=1, help="ResNet-50 channel widths / this")
     parser.add_argument(
         "--blocks", default="1", help="bottleneck blocks of the first stages (ResNet-50: 3,4,6,3)"
