@@ -136,17 +136,14 @@ class Instruction:
         return _arrays(self.shape)
 
     def attribute(self, key: str) -> str | None:
-        """The raw text of ``key=...`` (braces matched), or None."""
+        """The raw text of ``key=...`` up to the next comma or space outside brackets, or None."""
         at = re.search(rf"(?:^|[\s,]){re.escape(key)}=", self.attributes)
         if not at:
             return None
-        start = at.end()
-        text = self.attributes
-        if text[start] in '{[("':
-            return text[start : _matching(text, start) + 1]
+        text, start = self.attributes, at.end()
         end = start
         while end < len(text) and text[end] not in ", ":
-            end += 1
+            end = _matching(text, end) + 1 if text[end] in '{[("' else end + 1
         return text[start:end]
 
     @property

@@ -397,3 +397,49 @@ def test_while_loops_count_per_trip_and_unknown_branches_are_refused():
         hlo.bytes_sent(gated, 0)
     assert hlo.bytes_sent(gated, 0, branch=lambda c, d: 0) in (0, 2 * 7 * 4)
     assert {hlo.bytes_sent(gated, 0, branch=lambda c, d, i=i: i) for i in (0, 1)} == {0, 2 * 7 * 4}
+
+
+# Async forms as GPU programs print them (operands with shapes, -start/-done pairs, an async-start
+# wrapping a reduce-scatter): each collective counted once, at its start.
+_ASYNC_TEXT = """HloModule async_example, num_partitions=4
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(f32[] %a, f32[] %b)
+}
+
+%wrapped_reduce_scatter (x: f32[1024]) -> f32[256] {
+  %x = f32[1024]{0} parameter(0)
+  ROOT %rs = f32[256]{0} reduce-scatter(f32[1024]{0} %x), channel_id=4, replica_groups=[1,4]<=[4], \
+dimensions={0}, use_global_device_ids=true, to_apply=%add
+}
+
+ENTRY %main (p: f32[1024], q: f32[256], r: f32[64]) -> (f32[1024], f32[1024], f32[64], f32[256]) {
+  %p = f32[1024]{0} parameter(0)
+  %q = f32[256]{0} parameter(1)
+  %r = f32[64]{0} parameter(2)
+  %ar-start = f32[1024]{0} all-reduce-start(f32[1024]{0} %p), channel_id=1, replica_groups={{0,1,2,3}}, \
+use_global_device_ids=true, to_apply=%add
+  %ar-done = f32[1024]{0} all-reduce-done(f32[1024]{0} %ar-start)
+  %ag-start = (f32[256]{0}, f32[1024]{0}) all-gather-start(f32[256]{0} %q), channel_id=2, \
+replica_groups=[1,4]<=[4], dimensions={0}, use_global_device_ids=true
+  %ag-done = f32[1024]{0} all-gather-done((f32[256]{0}, f32[1024]{0}) %ag-start)
+  %cp-start = (f32[64]{0}, f32[64]{0}, u32[], u32[]) collective-permute-start(f32[64]{0} %r), channel_id=3, \
+source_target_pairs={{0,1},{1,2},{2,3}}
+  %cp-done = f32[64]{0} collective-permute-done((f32[64]{0}, f32[64]{0}, u32[], u32[]) %cp-start)
+  %rs-start = ((f32[1024]{0}), f32[256]{0}) async-start(f32[1024]{0} %p), calls=%wrapped_reduce_scatter
+  %rs-done = f32[256]{0} async-done(((f32[1024]{0}), f32[256]{0}) %rs-start), calls=%wrapped_reduce_scatter
+  ROOT %out = (f32[1024]{0}, f32[1024]{0}, f32[64]{0}, f32[256]{0}) \
+tuple(%ar-done, %ag-done, %cp-done, %rs-done)
+}
+""".replace("\\\n", "")
+
+
+def test_async_forms_count_once():
+    module = hlo.HloModule(_ASYNC_TEXT)
+    kinds = sorted(c.kind for c in module.collectives())
+    assert kinds == ["all-gather", "all-reduce", "collective-permute", "reduce-scatter"]
+    ring = 2 * 3 * 256 * 4 + 3 * 256 * 4 + 3 * 256 * 4  # all-reduce, all-gather of the input, reduce-scatter
+    assert hlo.bytes_sent(module, 0) == ring + 64 * 4
+    assert hlo.bytes_sent(module, 3) == ring  # device 3 is no source of the permute
