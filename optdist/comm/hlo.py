@@ -17,7 +17,11 @@ others), each array operand on its own:
 
 ``n`` is the size of the replica group holding the device (``replica_groups={{0,1,...}}``, the iota
 form ``[G,n]<=[...]`` or ``{}`` for every device). The test ``tests/comm/test_byte_audit.py`` compares
-the result with the counter's delta for one step of every transform of the common suite.
+the result with the counter's delta for two consecutive steps of every transform of the common suite.
+Each collective also carries the Python stack that issued it (:meth:`HloModule.stack`, from the
+module's stack-frame tables), so a caller can tell whose collective it is: the audit leaves out, by
+that stack, the all-gather of the omniscient attacks in :mod:`optdist.robust.attacks`, which the
+library documents as a simulation device that no counter records.
 
 **Control flow.** A program runs its entry computation once. Collectives inside computations the
 entry calls unconditionally (``call``, ``async-start``...) count once per call. A ``while`` body
@@ -49,7 +53,9 @@ loop, a Shampoo refresh and a non-refresh step).
   so an f32 all-reduce of values derived from bf16 looks the same there, and the combiner merges
   promoted and genuine f32 operands into one all-reduce (``_promoted`` names the merged reducer).
 * *The all-reduce combiner* merges small all-reduces into one tuple all-reduce of several operands.
-  Counting per operand makes this irrelevant (the counter also counts per array).
+  Counting per operand makes this irrelevant: the counter counts each buffer a
+  :class:`~optdist.comm.Channel` sends (an array, or the per-dtype pack of small leaves), and each
+  such buffer is one operand here.
 * *CSE* may merge two identical all-reduces into one; then the program sends less than the code
   asked for and the counter over-counts. The audit reports it as a mismatch (it is a defect of the
   transform that issued the duplicate, not something to map away).
@@ -60,7 +66,7 @@ Example::
   compiled = jax.jit(step).lower(params, state, batch).compile()
   module = hlo.HloModule(compiled.as_text())
   for c in module.collectives():
-      print(c.kind, c.operands, c.group_size)
+      print(c.kind, c.operands, c.group_size())
   per_device = [hlo.bytes_sent(module, d) for d in range(8)]  # raises if a branch must be chosen
 """
 
