@@ -293,6 +293,16 @@ def test_bfloat16_all_reduce_promotion_is_mapped_back():
     assert psum.bytes_sent(0) == sum(2 * 7 * -(-e // 8) * 2 for e in sizes)
 
 
+def test_bfloat16_collective_permute_normalization_is_mapped_back():
+    module, *_ = _audit("gossip[ring]", jnp.bfloat16)
+    permutes = module.collectives()
+    assert [c.kind for c in permutes] == ["collective-permute"] * 2  # one per ring neighbour
+    for c in permutes:
+        assert c.hlo_dtypes == ("f32",)  # XLA:CPU float normalization
+        assert [(o.shape, str(o.dtype)) for o in c.operands] == [((18,), "bfloat16")]
+        assert c.bytes_sent(0) == 18 * 2
+
+
 # -- the parser on hand-built programs (numbers from the formulas, by hand) ----------------------------
 
 
