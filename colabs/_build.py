@@ -1167,7 +1167,8 @@ NOTEBOOKS = {
 }
 
 
-def build(names=None) -> list[pathlib.Path]:
+def build(names=None, out_dir: pathlib.Path = HERE) -> list[pathlib.Path]:
+    """Writes the notebooks ``names`` (default: all) into ``out_dir``; returns their paths."""
     written = []
     for name, make in NOTEBOOKS.items():
         if names and name not in names:
@@ -1179,7 +1180,7 @@ def build(names=None) -> list[pathlib.Path]:
         nb.metadata["language_info"] = {"name": "python"}
         nb.metadata["colab"] = {"provenance": [], "name": f"{name}.ipynb"}
         nbformat.validate(nb)
-        path = HERE / f"{name}.ipynb"
+        path = pathlib.Path(out_dir) / f"{name}.ipynb"
         path.write_text(nbformat.writes(nb) + "\n")
         written.append(path)
     return written

@@ -7,6 +7,7 @@ the 8 forced CPU devices of ``tests/conftest.py`` are not passed on, and each ce
 The test asserts that no cell raised and that the notebook displayed at least one inline PNG plot.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -53,6 +54,17 @@ def test_the_six_notebooks_exist_without_outputs():
         assert code, path.name
         assert all(not c["outputs"] and c["execution_count"] is None for c in code), (
             f"{path.name} is committed with outputs: regenerate it with `python colabs/_build.py`"
+        )
+
+
+def test_notebooks_are_what_the_generator_writes(tmp_path):
+    spec = importlib.util.spec_from_file_location("colabs_build", ROOT / "colabs" / "_build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    for fresh in build.build(out_dir=tmp_path):
+        committed = ROOT / "colabs" / fresh.name
+        assert fresh.read_text() == committed.read_text(), (
+            f"{committed.name} differs from colabs/_build.py's output: edit the generator and rerun it"
         )
 
 
