@@ -79,7 +79,7 @@ class Codec(NamedTuple):
 
 
 class Compressor(NamedTuple):
-    """A gradient compressor with its aggregation protocol (optax style: a tuple of functions).
+    r"""A gradient compressor with its aggregation protocol (optax style: a tuple of functions).
 
     Attributes:
       init: ``init(params) -> state``.
@@ -94,6 +94,9 @@ class Compressor(NamedTuple):
         ``p - C_i(p)`` computed in the same pass (``Aggregate.local`` is None there). None: error
         feedback adds, aggregates and subtracts in separate steps.
       codec: the point-to-point :class:`Codec`, or None where the protocol is collective only.
+      contraction: a contraction :math:`\delta \in (0, 1]` the compressor guarantees on every leaf,
+        :math:`\|C(x) - x\|^2 \le (1 - \delta)\|x\|^2` (``top_k(ratio)``: ``ratio``), or None where
+        it declares none. EControl's default feedback strength is derived from it.
     """
 
     init: Callable[[Any], Any]
@@ -101,6 +104,7 @@ class Compressor(NamedTuple):
     name: str
     aggregate_ef: Callable[..., tuple[Aggregate, Any]] | None = None
     codec: Codec | None = None
+    contraction: float | None = None
 
 
 def smallest_int(max_abs: int, signed: bool = True) -> np.dtype:

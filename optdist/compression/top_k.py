@@ -91,4 +91,6 @@ def top_k(ratio: float, method: str = "exact", sample_size: int = 4096) -> Compr
         return {"values": values, "indices": idx, "count": count}
 
     encode = encode_exact if method == "exact" else encode_threshold
-    return gathered(f"top_k({ratio:g}, {method})", encode, _scatter)
+    compressor = gathered(f"top_k({ratio:g}, {method})", encode, _scatter)
+    # k = ceil(ratio d) >= ratio d, so delta = k / d >= ratio on every leaf (exact top-k only).
+    return compressor._replace(contraction=ratio) if method == "exact" else compressor
