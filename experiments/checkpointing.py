@@ -93,6 +93,7 @@ class Checkpointer:
             raise ValueError(f"checkpoint_every and keep_checkpoints must be >= 1; got {every}, {keep}.")
         self.directory = os.path.abspath(directory)
         self.every, self.keep = every, keep
+        self.damaged: list[int] = []  # steps skipped by the last restore_intact
         self.manager = self._manager()
 
     def _manager(self) -> ocp.CheckpointManager:
@@ -163,16 +164,19 @@ class Checkpointer:
 
     def _restore_intact(self, like, to_host, log, check_meta):
         checked = False
+        self.damaged = []
         for step in reversed(self.all_steps()):
             try:
                 meta = self.read_meta(step)
             except Exception as e:  # noqa: BLE001 - any read failure means "not intact"
                 log(f"checkpoint at step {step} skipped: its record cannot be read ({_first_line(e)})")
                 self._reset()
+                self.damaged.append(step)
                 continue
             reason = self._verify_meta(meta, step)
             if reason:
                 log(f"checkpoint at step {step} skipped: {reason}")
+                self.damaged.append(step)
                 continue
             if check_meta is not None and not checked:
                 check_meta(meta)
@@ -182,6 +186,7 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001
                 log(f"checkpoint at step {step} skipped: its arrays cannot be read ({_first_line(e)})")
                 self._reset()
+                self.damaged.append(step)
                 continue
             digest = tree_sha256(to_host(state))
             if digest != meta["state_sha256"]:
@@ -190,9 +195,23 @@ class Checkpointer:
                     f"(sha256 {digest[:12]}..., saved {meta['state_sha256'][:12]}...): the files were "
                     "changed or damaged"
                 )
+                self.damaged.append(step)
                 continue
             return state, meta
         return None
+
+    def set_aside(self, steps, log: Callable[[str], None] = print) -> None:
+        """Renames the folders of damaged checkpoints ``steps`` to ``<step>.damaged`` (kept, not used)."""
+        for step in steps:
+            src = os.path.join(self.directory, str(step))
+            dst = f"{src}.damaged"
+            n = 1
+            while os.path.exists(dst):
+                n += 1
+                dst = f"{src}.damaged{n}"
+            os.rename(src, dst)
+            log(f"moved the damaged checkpoint at step {step} to {dst}")
+        self._reset()
 
     @staticmethod
     def _verify_meta(meta, step) -> str | None:

@@ -411,6 +411,11 @@ def train_and_evaluate(
                 "--overwrite or choose another --workdir."
             )
         (params_w, state_w), meta = restored
+        if ckpt.damaged:  # newer than the restored one: set aside so this run can save those steps
+            if lead:
+                ckpt.set_aside(ckpt.damaged, log=lambda m: say(f"[{label}] {m}", always=True))
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("optdist_set_aside")
         if meta["step"] > config.steps:
             raise ValueError(
                 f"config.steps={config.steps} is below the checkpointed step {meta['step']} in {ckpt_dir}: "

@@ -217,6 +217,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(base_run,
     assert "checkpoint at step 20 skipped:" in out and "resumed from step 10" in out
     assert "Traceback" not in out + captured.err and "Event loop is closed" not in captured.err
     assert leaves_equal(result["final"], base_run[1]["final"])  # retrained 10 -> 20 bit for bit
+    directory = os.path.join(workdir, "checkpoints")
+    assert os.path.isdir(os.path.join(directory, "20.damaged"))  # set aside, then step 20 saved anew
+    assert train.existing_checkpoints(directory) == [10, 20]
 
 
 def test_silently_changed_arrays_fail_the_content_hash(base_run, tmp_path, capsys):
@@ -228,7 +231,7 @@ def test_silently_changed_arrays_fail_the_content_hash(base_run, tmp_path, capsy
     shutil.rmtree(os.path.join(directory, "20"))
     ckpt.close()
     ckpt = Checkpointer(directory, 10, 3)
-    tampered = jax.tree_util.tree_map(lambda x: np.asarray(x), state)
+    tampered = jax.tree_util.tree_map(lambda x: np.array(x), state)
     leaf = jax.tree_util.tree_leaves(tampered)[0]
     leaf.flat[0] = 1.7e10  # a readable file with a wrong value: only the hash can tell
     args = ocp.args.Composite(state=ocp.args.StandardSave(tampered), meta=ocp.args.JsonSave(meta))
