@@ -190,6 +190,40 @@ def mix_compressed(q: Any, codec: Codec, key: jax.Array, graph: topo.Topology, c
     return own, total
 
 
+def _validate_gossip(topology, compressor, order, consensus_step_size, seed) -> float:
+    """Checks gossip's options (errors name the parameter); returns the consensus step size."""
+    if order not in _ORDERS:
+        raise ValueError(f"order must be one of {_ORDERS}; got {order!r}.")
+    consensus_step_size = _checks.in_range(
+        consensus_step_size, "consensus_step_size", 0.0, 1.0, low_open=True
+    )
+    if compressor is None and consensus_step_size != 1.0:
+        raise ValueError(
+            "consensus_step_size < 1 is CHOCO-SGD's step and needs a compressor; exact gossip mixes fully "
+            "(pass compressor=..., or leave consensus_step_size=1)."
+        )
+    if compressor is not None:
+        if not isinstance(compressor, Compressor):
+            raise TypeError(
+                f"compressor must be an optdist.compressors Compressor or None; got {compressor!r}."
+            )
+        if compressor.codec is None:
+            raise ValueError(
+                f"compressor {compressor.name} has no point-to-point form (its protocol is collective), so "
+                "it cannot compress gossip; use top_k, rand_k, qsgd, terngrad, sign, int8, ternary, "
+                "scaled_sign or threshold_top_k."
+            )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int; got {seed!r}.")
+    if compressor is not None and _time_varying(topology):
+        raise ValueError(
+            f"topology {topology if isinstance(topology, str) else topology.name} changes every step, but "
+            "CHOCO-SGD's memory-efficient neighbour sum needs a fixed graph; use a static topology "
+            "('ring', 'torus', 'exponential', ...) with a compressor."
+        )
+    return consensus_step_size
+
+
 def gossip(
     topology: topo.Graph,
     axis_name: AxisName,
@@ -233,36 +267,8 @@ def gossip(
     """
     topology = topo.validate(topology)
     axis_name = validate_axis_name(axis_name)
-    if order not in _ORDERS:
-        raise ValueError(f"order must be one of {_ORDERS}; got {order!r}.")
-    consensus_step_size = _checks.in_range(
-        consensus_step_size, "consensus_step_size", 0.0, 1.0, low_open=True
-    )
+    consensus_step_size = _validate_gossip(topology, compressor, order, consensus_step_size, seed)
     gossip_every = _checks.positive_int(gossip_every, "gossip_every")
-    if compressor is None and consensus_step_size != 1.0:
-        raise ValueError(
-            "consensus_step_size < 1 is CHOCO-SGD's step and needs a compressor; exact gossip mixes fully "
-            "(pass compressor=..., or leave consensus_step_size=1)."
-        )
-    if compressor is not None:
-        if not isinstance(compressor, Compressor):
-            raise TypeError(
-                f"compressor must be an optdist.compressors Compressor or None; got {compressor!r}."
-            )
-        if compressor.codec is None:
-            raise ValueError(
-                f"compressor {compressor.name} has no point-to-point form (its protocol is collective), so "
-                "it cannot compress gossip; use top_k, rand_k, qsgd, terngrad, sign, int8, ternary, "
-                "scaled_sign or threshold_top_k."
-            )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int; got {seed!r}.")
-    if compressor is not None and _time_varying(topology):
-        raise ValueError(
-            f"topology {topology if isinstance(topology, str) else topology.name} changes every step, but "
-            "CHOCO-SGD's memory-efficient neighbour sum needs a fixed graph; use a static topology "
-            "('ring', 'torus', 'exponential', ...) with a compressor."
-        )
     base_key = jax.random.key(seed)
 
     def buffers(params):
