@@ -177,6 +177,7 @@ def run_comparison(
         )
         summary = result["summary"]
         summary["time_to_target"] = modeled_time_to_target(result["history"], config, summary)
+        summary["final_val_loss"] = summary["test_loss"]  # the held-out loss (validation text for the LM)
         rows.append(summary)
         histories[name] = result["history"]
     if config.get("loss_target_method"):
