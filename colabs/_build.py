@@ -278,8 +278,9 @@ def quickstart():
         ),
         md(
             """
-            Per step, PowerSGD, top-k and sign send about 10× fewer bytes for about the same loss per step
-            (slightly worse at 200 steps), so at a fixed byte budget they are far ahead. Next:
+            PowerSGD, top-k and sign send about 10× fewer bytes per step. Per step they lag the exact mean
+            (compression adds error), but at any fixed byte budget they are far ahead; 8-bit QSGD tracks the
+            exact mean per step but, all-gathered, saves no bytes at $n = 8$. Next:
             `02_powersgd_and_error_feedback` (why error feedback matters), `03_shampoo`,
             `04_diloco_and_friends`, `05_byzantine_robustness`, `06_decentralized_and_zeroth_order`.
 
