@@ -8,7 +8,7 @@ import optax
 
 from optdist import _checks
 from optdist.comm.axes import AxisName
-from optdist.outer import _validate
+from optdist.outer import _precision, _validate
 from optdist.outer.outer_loop import SyncEvery, outer_loop
 
 
@@ -22,6 +22,8 @@ def diloco(
     inner_weight_decay: float = 0.1,
     inner_b1: float = 0.9,
     inner_b2: float = 0.999,
+    inner_eps: float = 1e-8,
+    inner_dtype: str | None = "auto",
     **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
     r"""DiLoCo (Douillard et al., 2023): AdamW locally, Nesterov momentum on the pseudo-gradient.
@@ -40,6 +42,12 @@ def diloco(
     round (``2 (n-1) ceil(E/n) s``), zero on the other ``H - 1`` steps.
     Non-finite policy: as :func:`optdist.outer.outer_loop`.
 
+    Half precision: with ``inner_dtype="auto"`` (default) the inner AdamW runs in float32 on
+    float16 / bfloat16 leaves (float32 moments, float32 arithmetic, updates cast back to the
+    parameter dtype). In float16 its ``eps = 1e-8`` rounds to 0 and squared gradients below ~2.4e-4
+    underflow, so the parameter-dtype AdamW (``inner_dtype=None``, optax's behaviour) returns
+    0/0 = NaN and every worker's anchor is NaN after the first sync.
+
     Args:
       inner_lr: AdamW learning rate (float or schedule).
       outer_lr: outer Nesterov learning rate (paper: 0.7).
@@ -48,6 +56,9 @@ def diloco(
       axis_name: the worker axis, or None.
       inner_weight_decay: AdamW decoupled weight decay (paper: 0.1).
       inner_b1, inner_b2: AdamW moment decays.
+      inner_eps: AdamW's ``eps``.
+      inner_dtype: ``"auto"`` (float32 inner state for half-precision leaves) or None (the
+        parameters' dtype).
       **kwargs: forwarded to :func:`outer_loop` (aggregator, participation, reset_inner_state...).
 
     Returns:
@@ -68,6 +79,9 @@ def diloco(
     inner_b1 = _validate.decay(inner_b1, "inner_b1")
     inner_b2 = _validate.decay(inner_b2, "inner_b2")
     inner_weight_decay = _checks.in_range(inner_weight_decay, "inner_weight_decay", 0.0, float("inf"))
-    inner = optax.adamw(inner_lr, b1=inner_b1, b2=inner_b2, weight_decay=inner_weight_decay)
+    inner_eps = _checks.in_range(inner_eps, "inner_eps", 0.0, float("inf"), high_open=True)
+    inner = optax.adamw(inner_lr, b1=inner_b1, b2=inner_b2, eps=inner_eps, weight_decay=inner_weight_decay)
+    if _precision.inner_dtype(inner_dtype) == "auto":
+        inner = _precision.float32_for_half(inner)
     outer = optax.sgd(outer_lr, momentum=outer_momentum, nesterov=True)
     return outer_loop(inner, outer, sync_every, axis_name, **kwargs)

@@ -14,7 +14,7 @@ from optdist.aggregation import Aggregator, as_aggregator
 from optdist.comm.accounting import ByteCounter
 from optdist.comm.axes import AxisName, validate_axis_name
 from optdist.comm.channel import Channel
-from optdist.outer import _validate
+from optdist.outer import _precision, _validate
 
 
 class StreamingDiLoCoState(NamedTuple):
@@ -73,6 +73,8 @@ def streaming_diloco(
     outer_dtype: Any = None,
     *,
     inner_weight_decay: float = 0.1,
+    inner_eps: float = 1e-8,
+    inner_dtype: str | None = "auto",
     aggregator: Aggregator | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Streaming DiLoCo: DiLoCo whose outer synchronization is spread over parameter fragments.
@@ -102,7 +104,8 @@ def streaming_diloco(
     the per-round total equals DiLoCo's, but the peak per step is ``~1/P``).
     Non-finite policy: a NaN/Inf reaches every worker through the fragment's
     all-reduce; wrap in :func:`optdist.skip_nonfinite`. Partial
-    participation is not supported here (use :func:`outer_loop`).
+    participation is not supported here (use :func:`outer_loop`). Half precision: as
+    :func:`optdist.diloco` (``inner_dtype="auto"``: a float32 inner AdamW on float16 / bfloat16 leaves).
 
     Args:
       inner_lr: inner AdamW learning rate (float or schedule).
@@ -115,6 +118,9 @@ def streaming_diloco(
       outer_lr, outer_momentum: the outer Nesterov step.
       outer_dtype: dtype of the communicated pseudo-gradient (None: the params' dtype).
       inner_weight_decay: AdamW decoupled weight decay.
+      inner_eps: AdamW's ``eps``.
+      inner_dtype: ``"auto"`` (float32 inner state for half-precision leaves) or None (the
+        parameters' dtype).
       aggregator: any :class:`optdist.aggregation.Aggregator` (default: the exact mean), as in
         :func:`outer_loop`; each fragment keeps its own aggregator state.
 
@@ -137,7 +143,10 @@ def streaming_diloco(
     outer_lr = _validate.learning_rate(outer_lr, "outer_lr")
     outer_momentum = _validate.decay(outer_momentum, "outer_momentum")
     aggregator = as_aggregator(aggregator, "streaming_diloco")
-    inner = optax.adamw(inner_lr, weight_decay=inner_weight_decay)
+    inner_eps = _checks.in_range(inner_eps, "inner_eps", 0.0, float("inf"), high_open=True)
+    inner = optax.adamw(inner_lr, eps=inner_eps, weight_decay=inner_weight_decay)
+    if _precision.inner_dtype(inner_dtype) == "auto":
+        inner = _precision.float32_for_half(inner)
     outer = optax.sgd(outer_lr, momentum=outer_momentum, nesterov=True)
     stride = sync_every // num_fragments
 
