@@ -1,10 +1,9 @@
-r"""Bucketed quantizers with a fused error-feedback kernel: int8, ternary (2-bit), scaled sign (1-bit).
+r"""The fused-kernel path of the bucketed quantizers, and the deprecated names of its encodings.
 
-These compressors have exactly the semantics of :func:`optdist_kernels.ef_quantize` (the fused
-``p = g + e``, quantize, ``e <- p - decode`` kernel, or its XLA reference) and receive with
-:func:`optdist_kernels.decode_accumulate`. They differ from :func:`~optdist.compression.qsgd`,
-:func:`~optdist.compression.terngrad` and :func:`~optdist.compression.sign` (per-leaf or L2 scales,
-other RNG and packing), which are unchanged.
+:func:`fused_quantizer` builds the compressor behind ``qsgd(..., fused=True)``,
+``terngrad(None, bucket_size=b)`` and ``sign(bucket_size=b)``: exactly the semantics of
+:func:`optdist_kernels.ef_quantize` (the fused ``p = g + e``, quantize, ``e <- p - decode`` kernel, or
+its XLA reference), received with :func:`optdist_kernels.decode_accumulate`.
 
 Protocol (gathered): every worker's payload (codes + one float32 scale per bucket; the kernel's
 padding rows are not sent) is all-gathered, and the receive side sums the ``n`` payloads with the
@@ -12,7 +11,7 @@ fused decode + accumulate in worker order, then divides by ``n``. With
 ``compressed_mean(..., feedback="ef")`` the encoder is the fused kernel: :math:`p = g + e` (float32),
 the payload, and :math:`e \leftarrow p - D(\mathrm{payload})` in one pass (the residual is stored in
 the leaf's dtype, per worker). Leaves whose payload would not be smaller (e.g. a bias shorter than
-a bucket) and scalars go uncompressed through one all-reduce mean (their residual is 0).
+a bucket), scalars and empty leaves go uncompressed through one all-reduce mean (their residual is 0).
 
 State: none. Randomness: stochastic rounding draws from a counter-based hash of (the step key
 folded with the worker index and the leaf index; the element index): different per worker,
@@ -20,165 +19,146 @@ reproducible. Non-finite policy: that of :func:`optdist.compressed_mean` (a non-
 its bucket's scale, hence the mean, non-finite, and the step's state update is skipped).
 
 ``impl``: ``"xla"`` runs the pure-JAX reference, ``"pallas"`` the Pallas kernel (interpret mode off
-GPU), ``"auto"`` the kernel only where it was measured faster, else XLA (never fails). All three
-give the same codes (the kernel and the reference share the block math and the hash RNG).
+GPU), ``"auto"`` the kernel only where it was measured faster, else XLA (never fails;
+:func:`optdist_kernels.resolve_impl`). All three give the same codes (the kernel and the reference
+share the block math and the hash RNG).
+
+Deprecated names (each returns the unified compressor with the matching options, bit for bit):
+
+* ``int8(b, rounding, impl)`` = ``qsgd(127, b, scale="max", rounding=rounding, fused=True, impl=impl)``
+* ``ternary(b, rounding, impl)`` = ``terngrad(None, bucket_size=b, rounding=rounding, impl=impl)``
+* ``scaled_sign(b, impl)`` = ``sign(scaled=True, bucket_size=b, impl=impl)``
 """
 
 from __future__ import annotations
 
 import math
-
-import jax.numpy as jnp
+import warnings
 
 from optdist.compression.base import Compressor, gathered_ef
 
-_ROUNDINGS = ("nearest", "stochastic")
+ROUNDINGS = ("stochastic", "nearest")
 
 
-def _check_common(bucket_size: int, minimum: int, rounding: str, impl: str) -> None:
-    from optdist_kernels._dispatch import IMPLS
+def check_rounding(rounding: str) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}; got {rounding!r}.")
+    return rounding
 
+
+def check_bucket_size(bucket_size: int, minimum: int, why: str) -> int:
+    """A power of two ``>= minimum`` (what the fused kernel's bucket rows need)."""
     if isinstance(bucket_size, bool) or not isinstance(bucket_size, int):
         raise TypeError(f"bucket_size must be an int; got {bucket_size!r}.")
     if bucket_size < minimum or bucket_size & (bucket_size - 1):
-        raise ValueError(f"bucket_size must be a power of two >= {minimum}; got {bucket_size}.")
-    if rounding not in _ROUNDINGS:
-        raise ValueError(f"rounding must be one of {_ROUNDINGS}; got {rounding!r}.")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}.")
+        raise ValueError(f"bucket_size must be a power of two >= {minimum} ({why}); got {bucket_size}.")
+    return bucket_size
 
 
-def _kernel_compressor(name: str, scheme: str, bucket_size: int, rounding: str, impl: str) -> Compressor:
-    """The gathered protocol around the fused kernel; payloads trimmed to the real buckets."""
-    from optdist_kernels import quantize
+def fused_quantizer(
+    name: str,
+    scheme: str,
+    bucket_size: int,
+    rounding: str,
+    impl: str,
+    *,
+    norm: str = "max",
+    levels: int = 127,
+) -> Compressor:
+    """The gathered protocol around :func:`optdist_kernels.ef_quantize` (module docstring).
+
+    ``scheme``, ``norm``, ``levels``, ``rounding`` and ``bucket_size`` are the kernel's; payloads are
+    trimmed to the real buckets (the kernel pads rows to its block; those rows are not sent).
+    """
+    from optdist_kernels import decode_accumulate, ef_quantize, resolve_impl
+
+    resolve_impl(impl, "ef_quantize")  # validates impl (the kernel entry points decide per shape)
 
     def encode_ef(x, e, key):
-        payload, e_new = quantize.ef_quantize(
-            x, e, key, scheme=scheme, rounding=rounding, bucket_size=bucket_size, impl=impl
+        payload, e_new = ef_quantize(
+            x,
+            e,
+            key,
+            scheme=scheme,
+            rounding=rounding,
+            norm=norm,
+            levels=levels,
+            bucket_size=bucket_size,
+            impl=impl,
         )
-        buckets = math.ceil(x.shape[0] / bucket_size)  # the kernel pads rows to its block: not sent
+        buckets = math.ceil(x.shape[0] / bucket_size)
         return {"codes": payload["codes"][:buckets], "scales": payload["scales"][:buckets]}, e_new
 
-    def decode_accumulate(payload, acc):
-        rows, _ = quantize.layout(acc.shape[0], bucket_size)
-        pad = rows - payload["scales"].shape[0]
-        full = {k: jnp.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in payload.items()}
-        return quantize.decode_accumulate(full, acc, scheme=scheme, bucket_size=bucket_size, impl=impl)
+    def decode_into(payload, acc):
+        if acc.shape[0] == 0:  # an empty leaf: nothing to decode (it travels uncompressed anyway)
+            return acc
+        return decode_accumulate(payload, acc, scheme=scheme, bucket_size=bucket_size, impl=impl)
 
-    return gathered_ef(name, encode_ef, decode_accumulate)
+    return gathered_ef(name, encode_ef, decode_into)
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"optdist.compressors.{old} is deprecated; use optdist.compressors.{new} (the same compressor).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def int8(bucket_size: int = 256, rounding: str = "nearest", impl: str = "auto") -> Compressor:
-    r"""Bucketed int8 quantization with a per-bucket max-abs scale (fused error-feedback kernel).
+    """Deprecated: ``qsgd(127, bucket_size, scale="max", rounding=rounding, fused=True, impl=impl)``.
 
-    Per bucket :math:`B` of ``bucket_size`` consecutive entries of the flattened leaf (the last
-    bucket may be ragged):
+    Bucketed int8 with a per-bucket max-abs scale on the fused error-feedback kernel; see
+    :func:`~optdist.compression.qsgd` (this returns exactly that compressor).
 
-    .. math:: s_B = \max_{j \in B} |x_j| / 127, \qquad
-              c_j = \mathrm{sign}(x_j)\min(\lfloor |x_j|/s_B + u_j \rfloor, 127), \qquad
-              D(c)_j = s_B c_j,
-
-    with :math:`u_j = 1/2` (``rounding="nearest"``, error :math:`\le s_B/2`) or
-    :math:`u_j \sim U[0, 1)` (``"stochastic"``, unbiased: :math:`E[D(c)] = x`).
-    Not :func:`~optdist.compression.qsgd` (L2 bucket norm, ``jax.random`` noise, any bucket size).
-
-    Bytes per compressed leaf of ``d`` entries: ``ceil(d/b)·b`` int8 codes + 4 per bucket,
-    all-gathered (each worker sends ``(n - 1)`` times that).
-
-    Protocol, state, randomness, non-finite policy and ``impl``: see the module docstring
-    (gathered payloads summed with the fused decode + accumulate; stateless; with
-    ``compressed_mean(..., feedback="ef")`` the fused error-feedback kernel encodes ``g + e`` and
-    writes the per-worker residual in one pass).
     Args:
       bucket_size: entries per bucket, a power of two ``>= 16``.
-      rounding: ``"nearest"`` or ``"stochastic"``.
+      rounding: ``"nearest"`` (default) or ``"stochastic"``.
       impl: ``"auto"``, ``"pallas"`` or ``"xla"``.
 
     Returns:
-      A :class:`~optdist.compression.Compressor` (with a fused ``aggregate_ef``).
-
-    Example::
-
-      tx = optax.chain(optdist.compressed_mean(optdist.compressors.int8(256, "stochastic"), "data",
-                                               feedback="ef"), optax.sgd(0.1))
-
-    References:
-      Alistarh, Grubic, Li, Tomioka, Vojnovic, "QSGD: Communication-Efficient SGD via Gradient
-      Quantization and Encoding", NeurIPS 2017 (bucketed stochastic quantization).
-      Dettmers, "8-Bit Approximations for Parallelism in Deep Learning", ICLR 2016.
+      The :func:`~optdist.compression.qsgd` compressor with those options.
     """
-    _check_common(bucket_size, 16, rounding, impl)
-    return _kernel_compressor(f"int8({bucket_size}, {rounding})", "int8", bucket_size, rounding, impl)
+    from optdist.compression.qsgd import qsgd
+
+    _deprecated("int8(b, rounding)", 'qsgd(127, b, scale="max", rounding=rounding, fused=True)')
+    return qsgd(127, bucket_size, scale="max", rounding=rounding, fused=True, impl=impl)
 
 
 def ternary(bucket_size: int = 256, rounding: str = "stochastic", impl: str = "auto") -> Compressor:
-    r"""Bucketed ternary quantization, 2 bits per entry (TernGrad-style, fused error-feedback kernel).
+    """Deprecated: ``terngrad(None, bucket_size=bucket_size, rounding=rounding, impl=impl)``.
 
-    Per bucket :math:`B`: :math:`s_B = \max_{j \in B}|x_j|`, :math:`c_j = \mathrm{sign}(x_j)
-    \lfloor |x_j|/s_B + u_j \rfloor \in \{-1, 0, 1\}`, :math:`D(c)_j = s_B c_j`. With
-    ``rounding="stochastic"`` this is TernGrad's :math:`s\,\mathrm{sign}(x)\,\mathrm{Bernoulli}(|x|/s)`
-    (unbiased) with a per-bucket scale and no clipping; ``"nearest"`` sends :math:`\pm s_B` where
-    :math:`|x_j| \ge s_B/2`. Not :func:`~optdist.compression.terngrad` (per-leaf scale, ``clip_sigma``
-    clipping, bit-plane packing).
+    Bucketed ternary (2-bit) codes with a per-bucket max-abs scale on the fused error-feedback
+    kernel; see :func:`~optdist.compression.terngrad` (this returns exactly that compressor).
 
-    Bytes per compressed leaf of ``d`` entries: ``ceil(d/b)·b/4`` bytes of codes (4 per uint8) + 4 per
-    bucket, all-gathered.
-
-    Protocol, state, randomness, non-finite policy and ``impl``: see the module docstring
-    (gathered payloads summed with the fused decode + accumulate; stateless; with
-    ``compressed_mean(..., feedback="ef")`` the fused error-feedback kernel encodes ``g + e`` and
-    writes the per-worker residual in one pass).
     Args:
       bucket_size: entries per bucket, a power of two ``>= 16``.
       rounding: ``"stochastic"`` (default) or ``"nearest"``.
       impl: ``"auto"``, ``"pallas"`` or ``"xla"``.
 
     Returns:
-      A :class:`~optdist.compression.Compressor` (with a fused ``aggregate_ef``).
-
-    Example::
-
-      tx = optax.chain(optdist.compressed_mean(optdist.compressors.ternary(), "data", feedback="ef"),
-                       optax.sgd(0.1))
-
-    References:
-      Wen, Xu, Yan, Wu, Wang, Chen, Li, "TernGrad: Ternary Gradients to Reduce Communication in
-      Distributed Deep Learning", NeurIPS 2017.
+      The :func:`~optdist.compression.terngrad` compressor with those options.
     """
-    _check_common(bucket_size, 16, rounding, impl)
-    return _kernel_compressor(f"ternary({bucket_size}, {rounding})", "ternary", bucket_size, rounding, impl)
+    from optdist.compression.terngrad import terngrad
+
+    _deprecated("ternary(b, rounding)", "terngrad(None, bucket_size=b, rounding=rounding)")
+    return terngrad(None, bucket_size=bucket_size, rounding=rounding, impl=impl)
 
 
 def scaled_sign(bucket_size: int = 256, impl: str = "auto") -> Compressor:
-    r"""Scaled sign per bucket, 1 bit per entry (EF-signSGD with bucket scales, fused EF kernel).
+    """Deprecated: ``sign(scaled=True, bucket_size=bucket_size, impl=impl)``.
 
-    Per bucket :math:`B` (its real entries only): :math:`s_B = \|x_B\|_1/|B|`,
-    :math:`C(x)_j = s_B\,\mathrm{sign}(x_j)` (zero is sent as ``+``). Each bucket is the
-    contraction of EF-signSGD; finer buckets track magnitudes better at 4 bytes per bucket.
-    Not :func:`~optdist.compression.sign` (one scale per leaf, uint8 packing).
+    Scaled sign with one ``||x_B||_1 / |B|`` scale per bucket on the fused error-feedback kernel; see
+    :func:`~optdist.compression.sign` (this returns exactly that compressor).
 
-    Bytes per compressed leaf of ``d`` entries: ``ceil(d/b)·b/8`` bytes of bits (32 per uint32) + 4 per
-    bucket, all-gathered.
-
-    Protocol, state, randomness, non-finite policy and ``impl``: see the module docstring
-    (gathered payloads summed with the fused decode + accumulate; stateless; with
-    ``compressed_mean(..., feedback="ef")`` the fused error-feedback kernel encodes ``g + e`` and
-    writes the per-worker residual in one pass).
     Args:
       bucket_size: entries per bucket, a power of two ``>= 32``.
       impl: ``"auto"``, ``"pallas"`` or ``"xla"``.
 
     Returns:
-      A :class:`~optdist.compression.Compressor` (with a fused ``aggregate_ef``).
-
-    Example::
-
-      tx = optax.chain(optdist.compressed_mean(optdist.compressors.scaled_sign(), "data", feedback="ef"),
-                       optax.sgd(0.01))
-
-    References:
-      Karimireddy, Rebjock, Stich, Jaggi, "Error Feedback Fixes SignSGD and other Gradient
-      Compression Schemes", ICML 2019.
+      The :func:`~optdist.compression.sign` compressor with those options.
     """
-    _check_common(bucket_size, 32, "nearest", impl)
-    return _kernel_compressor(f"scaled_sign({bucket_size})", "sign", bucket_size, "nearest", impl)
+    from optdist.compression.sign import sign
+
+    _deprecated("scaled_sign(b)", "sign(bucket_size=b)")
+    return sign(scaled=True, bucket_size=bucket_size, impl=impl)

@@ -39,7 +39,7 @@ def rand_k(ratio: float, seed: int = 0, sampling: str = "stratified") -> Compres
     Because all workers draw the coordinates from the same key (``seed`` + step count + leaf
     index), only the ``k`` values are sent and they are *summed* by one all-reduce; the indices are
     rebuilt from the key, never sent. Each worker sends ``2 (n-1) ceil(K/n) s`` bytes for ``K``
-    values in total. Stateless.
+    values in total. Scalars and empty leaves go uncompressed. Stateless.
 
     Args:
       ratio: fraction of coordinates kept, in (0, 1].
@@ -66,6 +66,8 @@ def rand_k(ratio: float, seed: int = 0, sampling: str = "stratified") -> Compres
 
     def indices_and_scales(key, size):
         k = num_kept(ratio, size)
+        if k == 0:  # an empty leaf (only sized, never sent): no coordinates to draw
+            return jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.float32)
         key = jax.random.fold_in(key, seed)
         if sampling == "uniform":
             return jax.random.choice(key, size, (k,), replace=False), jnp.float32(size / k)

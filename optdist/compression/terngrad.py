@@ -1,4 +1,4 @@
-"""TernGrad: unbiased ternary gradients {-s, 0, s}, two bits per entry."""
+"""TernGrad: unbiased ternary gradients {-s, 0, s}, two bits per entry (per leaf or per bucket)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,16 @@ import jax.numpy as jnp
 
 from optdist import _checks
 from optdist.compression.base import Compressor, gathered, pack_bits, unpack_bits
+from optdist.compression.bucketed import check_bucket_size, check_rounding, fused_quantizer
 
 
-def terngrad(clip_sigma: float | None = 2.5) -> Compressor:
-    r"""TernGrad: ``s * sign(x) * b`` with ``b ~ Bernoulli(|x| / s)``, per leaf.
+def terngrad(
+    clip_sigma: float | None = 2.5,
+    bucket_size: int | None = None,
+    rounding: str = "stochastic",
+    impl: str = "auto",
+) -> Compressor:
+    r"""TernGrad: ``s * sign(x) * b`` with ``b ~ Bernoulli(|x| / s)``, per leaf or per bucket.
 
     .. math:: \tilde x = \mathrm{clip}(x, -c\sigma, c\sigma), \quad s = \max_j |\tilde x_j|,
               \quad T(x)_j = s \, \mathrm{sign}(\tilde x_j) \, b_j,
@@ -18,38 +24,77 @@ def terngrad(clip_sigma: float | None = 2.5) -> Compressor:
 
     with :math:`\sigma` the standard deviation of the leaf's entries and
     ``c = clip_sigma``. Unbiased for :math:`\tilde x` (so for :math:`x` when
-    nothing is clipped, e.g. ``clip_sigma=None``). The Bernoulli draws use a key
-    that differs per worker.
+    nothing is clipped, e.g. ``clip_sigma=None``). ``rounding="nearest"`` sends
+    :math:`b_j = [|\tilde x_j| \ge s/2]` instead (deterministic; use with error feedback).
 
-    Payload per leaf (gathered): one float32 scale, and two bit-planes packed
-    8 entries per uint8 byte (non-zero, negative): ``2 ceil(d/8) + 4`` bytes.
-    Stateless.
+    ``bucket_size=None``: one scale per leaf; the Bernoulli draws use ``jax.random`` with a key
+    that differs per worker. Payload per leaf (gathered): one float32 scale, and two bit-planes
+    packed 8 entries per uint8 byte (non-zero, negative): ``2 ceil(d/8) + 4`` bytes.
+
+    ``bucket_size=b`` (needs ``clip_sigma=None``: the kernel does not clip): one scale
+    :math:`s_B = \max_{j \in B}|x_j|` per bucket of ``b`` entries, on the fused error-feedback
+    kernel :func:`optdist_kernels.ef_quantize` (``scheme="ternary"``, i.e. QSGD with one level and
+    a max-abs scale; draws from a counter-based hash). Payload: ``ceil(d/b)·b/4`` bytes of 2-bit
+    codes (4 per uint8) + 4 per bucket; a fused ``aggregate_ef`` for ``feedback="ef"``; ``impl``
+    picks Pallas or its XLA reference (protocol: :mod:`optdist.compression.bucketed`). The
+    deprecated ``ternary(b, rounding)`` returns this compressor; it equals
+    ``qsgd(1, b, scale="max", rounding=rounding, fused=True)``.
+
+    Leaves where the payload would not be smaller (and empty leaves) go uncompressed through the
+    plain mean. Stateless.
 
     Args:
       clip_sigma: clip at ``clip_sigma`` standard deviations (``> 0``), or None
-        for no clipping.
+        for no clipping (required with ``bucket_size``).
+      bucket_size: None (one scale per leaf) or entries per bucket, a power of two ``>= 16``.
+      rounding: ``"stochastic"`` (unbiased) or ``"nearest"``.
+      impl: ``"auto"``, ``"pallas"`` or ``"xla"`` for the bucketed kernel (``"pallas"`` needs
+        ``bucket_size``).
 
     Returns:
-      A :class:`~optdist.compression.Compressor`.
+      A :class:`~optdist.compression.Compressor` (with a fused ``aggregate_ef`` when bucketed).
 
     Example::
 
       tx = optax.chain(optdist.compressed_mean(optdist.compressors.terngrad(), "data"), optax.sgd(0.1))
+      tx = optax.chain(optdist.compressed_mean(optdist.compressors.terngrad(None, bucket_size=256),
+                                               "data", feedback="ef"), optax.sgd(0.1))
 
     References:
       Wen, Xu, Yan, Wu, Wang, Chen, Li, "TernGrad: Ternary Gradients to Reduce
       Communication in Distributed Deep Learning", NeurIPS 2017.
     """
+    from optdist_kernels import resolve_impl
+
     if clip_sigma is not None:
         clip_sigma = _checks.in_range(clip_sigma, "clip_sigma", 0.0, float("inf"), low_open=True)
+    rounding = check_rounding(rounding)
+    if bucket_size is not None:
+        if clip_sigma is not None:
+            raise ValueError(
+                "clip_sigma must be None with bucket_size (the fused kernel does not clip); got "
+                f"clip_sigma={clip_sigma!r}. Use terngrad(None, bucket_size={bucket_size!r})."
+            )
+        bucket_size = check_bucket_size(bucket_size, 16, "the kernel's bucket rows")
+        name = f"terngrad(bucket_size={bucket_size}, {rounding})"
+        return fused_quantizer(name, "ternary", bucket_size, rounding, impl)
+    resolve_impl(
+        impl, unsupported="terngrad(bucket_size=None) has no kernel; bucket_size=b runs the fused one"
+    )
 
     def encode(x, key):
-        if clip_sigma is not None:
-            bound = clip_sigma * jnp.std(x)
-            x = jnp.clip(x, -bound, bound)
-        scale = jnp.max(jnp.abs(x))
+        if x.shape[0] == 0:  # an empty leaf (only sized, never sent): no max to take
+            scale = jnp.zeros((), x.dtype)
+        else:
+            if clip_sigma is not None:
+                bound = clip_sigma * jnp.std(x)
+                x = jnp.clip(x, -bound, bound)
+            scale = jnp.max(jnp.abs(x))
         prob = jnp.abs(x) / jnp.where(scale > 0, scale, 1.0)
-        nonzero = jax.random.uniform(key, x.shape, x.dtype) < prob
+        if rounding == "stochastic":
+            nonzero = jax.random.uniform(key, x.shape, x.dtype) < prob
+        else:
+            nonzero = prob >= 0.5
         return {
             "scale": scale.astype(jnp.float32),
             "nonzero": pack_bits(nonzero),
@@ -61,4 +106,5 @@ def terngrad(clip_sigma: float | None = 2.5) -> Compressor:
         sign = jnp.where(unpack_bits(payload["negative"], size), -1.0, 1.0)
         return jnp.where(nonzero, sign * payload["scale"], 0.0)
 
-    return gathered(f"terngrad({clip_sigma})", encode, decode)
+    name = f"terngrad({clip_sigma})" if rounding == "stochastic" else f"terngrad({clip_sigma}, nearest)"
+    return gathered(name, encode, decode)

@@ -22,12 +22,16 @@ N, T = 4, 3
 SHAPES = {"w": (12, 50), "b": (2,)}
 PARAMS = {k: jnp.zeros(s) for k, s in SHAPES.items()}
 
+# The fused-kernel encodings, by their unified names (formerly int8, ternary, scaled_sign and
+# threshold_top_k, now deprecated aliases of exactly these).
 CASES = {
-    "int8-nearest": lambda impl: compressors.int8(256, "nearest", impl=impl),
-    "int8-stochastic": lambda impl: compressors.int8(256, "stochastic", impl=impl),
-    "ternary": lambda impl: compressors.ternary(256, impl=impl),
-    "scaled_sign": lambda impl: compressors.scaled_sign(256, impl=impl),
-    "threshold_top_k": lambda impl: compressors.threshold_top_k(0.05, sample_size=256, impl=impl),
+    "int8-nearest": lambda impl: compressors.qsgd(
+        127, 256, scale="max", rounding="nearest", fused=True, impl=impl
+    ),
+    "int8-stochastic": lambda impl: compressors.qsgd(127, 256, scale="max", fused=True, impl=impl),
+    "ternary": lambda impl: compressors.terngrad(None, bucket_size=256, impl=impl),
+    "scaled_sign": lambda impl: compressors.sign(bucket_size=256, impl=impl),
+    "threshold_top_k": lambda impl: compressors.top_k(0.05, "fused_threshold", 256, impl=impl),
 }
 # Payload bytes of "w" per worker, from the documented formats: 3 buckets (codes + a float32 scale
 # each); top-k: k = ceil(0.05 * 600) = 30, capacity floor(1.1 k) = 33 values + 33 indices + a count.

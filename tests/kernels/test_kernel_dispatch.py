@@ -66,3 +66,40 @@ def test_auto_uses_xla_where_pallas_was_not_measured(monkeypatch):
 def test_exports():
     assert set(optdist_kernels.__all__) >= {"ef_quantize", "decode_accumulate", "ef_threshold_topk"}
     assert optdist_kernels.IMPLS == ("auto", "pallas", "xla")
+
+
+def test_resolve_impl_is_the_one_decision(monkeypatch):
+    resolve = optdist_kernels.resolve_impl
+    assert resolve("xla", "ef_quantize") == "xla" and resolve("pallas", "ef_quantize") == "pallas"
+    assert resolve("auto", "ef_quantize") == "xla"  # nothing measured on CPU
+    assert resolve("auto", "ef_quantize", backend="gpu") == "xla"  # nor on GPU yet
+    assert resolve("auto") == "xla"  # no kernel named: nothing listed
+    monkeypatch.setattr(_dispatch, "AUTO_BACKENDS", {"ef_quantize": ("gpu",)})
+    assert resolve("auto", "ef_quantize", backend="gpu") == "pallas"
+    assert resolve("auto", "ef_quantize", backend="cpu") == "xla"
+    assert resolve("auto", "ef_threshold_topk", backend="gpu") == "xla"  # unlisted in the patched table
+    # A reason the kernel cannot take the inputs: "auto" and "xla" fall back, "pallas" says why.
+    assert resolve("auto", "ef_quantize", backend="gpu", unsupported="rank 9 > 8") == "xla"
+    assert resolve("xla", unsupported="rank 9 > 8") == "xla"
+    with pytest.raises(ValueError, match=r"root_impl='pallas': rank 9 > 8\. Use root_impl='auto'"):
+        resolve("pallas", unsupported="rank 9 > 8", param="root_impl")
+    for bad in ("cuda", None, "AUTO", 1):
+        with pytest.raises(ValueError, match=r"root_impl must be one of \('auto', 'pallas', 'xla'\)"):
+            resolve(bad, param="root_impl")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        resolve("auto", "ef_quantise")
+    assert set(optdist_kernels.KERNELS) == set(optdist_kernels.AUTO_BACKENDS)
+    assert {"resolve_impl", "KERNELS", "IMPLS", "AUTO_BACKENDS"} <= set(optdist_kernels.__all__)
+
+
+def test_the_library_imports_no_private_kernel_module():
+    """Callers use optdist_kernels' public names; only the kernel package touches _dispatch."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2] / "optdist"
+    offenders = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if "optdist_kernels._dispatch" in path.read_text() or "import _dispatch" in path.read_text()
+    ]
+    assert offenders == []

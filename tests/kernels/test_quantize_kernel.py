@@ -194,3 +194,17 @@ def test_bad_sizes():
     payload, _ = ef_quantize(jnp.ones((10,)), jnp.ones((10,)), impl="xla")
     with pytest.raises(ValueError, match="payload shapes"):
         decode_accumulate(payload, jnp.zeros((3000,)), impl="xla")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "ternary", "sign"])
+def test_decode_accepts_payloads_trimmed_to_the_real_buckets(scheme):
+    """A sender transmits ceil(d / b) bucket rows, not the kernel's padded block of rows."""
+    g = jax.random.normal(jax.random.key(0), (300,))  # 10 buckets of 32 (the last ragged), 16 rows padded
+    payload, _ = ef_quantize(g, jnp.zeros_like(g), scheme=scheme, bucket_size=32, impl="xla")
+    assert payload["scales"].shape == (16,)
+    trimmed = {k: v[:10] for k, v in payload.items()}
+    acc = jax.random.normal(jax.random.key(1), (300,))
+    for impl in ("xla", "pallas"):
+        full = decode_accumulate(payload, acc, scheme=scheme, bucket_size=32, impl=impl)
+        part = decode_accumulate(trimmed, acc, scheme=scheme, bucket_size=32, impl=impl)
+        np.testing.assert_array_equal(part, full)
