@@ -124,8 +124,8 @@ def run_configs(config) -> list[tuple[str, object]]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"config.methods lists {duplicates} more than once.")
-    variants = config.get("variants") or {}
-    target = config.get("loss_target_method") or ""
+    variants = config.variants
+    target = config.loss_target_method
     if target and target not in names:
         raise ValueError(f"config.loss_target_method={target!r} is not among config.methods {names}.")
     runs = []
@@ -180,7 +180,7 @@ def run_comparison(
         summary["final_val_loss"] = summary["test_loss"]  # the held-out loss (validation text for the LM)
         rows.append(summary)
         histories[name] = result["history"]
-    if config.get("loss_target_method"):
+    if config.loss_target_method:
         add_steps_to_reference_loss(rows, histories, config.loss_target_method)
     print()
     print(format_table(rows, config))

@@ -120,12 +120,14 @@ def run_grid(config, workdir: str | None, verbose: bool = True) -> dict:
 
 def main(argv):
     del argv
-    run_grid(flags.FLAGS.config, flags.FLAGS.workdir)
+    f = flags.FLAGS
+    path = config_flags.get_config_filename(f["config"]).split(":")[0]
+    run_grid(f.config, f.workdir or os.path.join("runs", os.path.splitext(os.path.basename(path))[0]))
 
 
 if __name__ == "__main__":
     config_flags.DEFINE_config_file(
         "config", os.path.join(os.path.dirname(__file__), "configs", "robustness.py"), "Grid config."
     )
-    flags.DEFINE_string("workdir", "runs/robustness", "Output folder.")
+    flags.DEFINE_string("workdir", None, "Output folder (default: runs/<config name>).")
     app.run(main)
