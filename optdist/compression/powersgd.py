@@ -179,8 +179,8 @@ def powersgd(
       Vogels, Karimireddy, Jaggi, "PowerSGD: Practical Low-Rank Gradient Compression for
       Distributed Optimization", NeurIPS 2019.
     """
+    from optdist_kernels import next_pow2, resolve_impl
     from optdist_kernels import powersgd as kernels
-    from optdist_kernels._dispatch import IMPLS, next_pow2
 
     rank = _checks.positive_int(rank, "rank")
     if orthogonalization not in _ORTHOGONALIZATIONS:
@@ -194,8 +194,7 @@ def powersgd(
         raise TypeError(f"seed must be an int; got {seed!r}.")
     if matrix_layout not in _LAYOUTS:
         raise ValueError(f"matrix_layout must be one of {_LAYOUTS}; got {matrix_layout!r}.")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}.")
+    resolve_impl(impl)  # validates impl (the kernels' dispatch decides Pallas vs XLA per shape)
 
     def kernel_limit(group: _Group) -> str | None:
         """Why the fused EF kernels cannot take this group (None: they can)."""
@@ -215,12 +214,8 @@ def powersgd(
         """True if ``what`` runs through the kernel module; raises for ``impl="pallas"`` if it cannot."""
         if limit is None:
             return True
-        if impl == "pallas":
-            raise ValueError(
-                f"powersgd(impl='pallas'): {what} of the {len(group.leaves)} x {group.rows} x {group.cols} "
-                f"matrices (rank {group.rank}) cannot run as a Pallas kernel: {limit}. Use impl='auto' "
-                "(falls back to XLA for such shapes) or impl='xla'."
-            )
+        shapes = f"{len(group.leaves)} x {group.rows} x {group.cols} matrices (rank {group.rank})"
+        resolve_impl(impl, unsupported=f"powersgd: {what} of the {shapes} cannot run as a kernel: {limit}")
         return False
 
     def orthonormalize(p: jax.Array, group: _Group) -> jax.Array:

@@ -185,7 +185,6 @@ def _coupled_root(a, p, ridge_epsilon, relative, precision, max_iters, tol, schu
     return x_best, ridge, err_best
 
 
-_IMPLS = ("auto", "pallas", "xla")
 _KERNEL = "batched_inverse_pth_root"
 
 
@@ -269,8 +268,9 @@ def matrix_inverse_pth_root(
         tol = 10 * float(jnp.finfo(a.dtype).eps)
     tol = _checks.in_range(tol, "tol", 0.0, float("inf"))
     a = 0.5 * (a + jnp.swapaxes(a, -1, -2))
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}; got {impl!r}.")
+    from optdist_kernels import resolve_impl
+
+    resolve_impl(impl)  # validates impl (the one definition of its values)
     if impl == "pallas" and method in ("auto", "eigh"):
         if method == "eigh":
             raise ValueError("impl='pallas' runs an iterative method; method='eigh' has no kernel.")

@@ -214,8 +214,9 @@ def _options(**kw: Any) -> _Options:
         raise ValueError(f"start_preconditioning_step must be an integer >= 0; got {start!r}.")
     if kw["root_method"] not in METHODS:
         raise ValueError(f"root_method must be one of {METHODS}; got {kw['root_method']!r}.")
-    if kw["root_impl"] not in ("auto", "pallas", "xla"):
-        raise ValueError(f"root_impl must be one of ('auto', 'pallas', 'xla'); got {kw['root_impl']!r}.")
+    from optdist_kernels import resolve_impl
+
+    resolve_impl(kw["root_impl"], param="root_impl")  # the one definition of the impl values
     exponent_override = kw["exponent_override"]
     if exponent_override is not None:
         exponent_override = _checks.positive_int(exponent_override, "exponent_override")
