@@ -717,8 +717,9 @@ def diloco_nb():
             \text{ momentum } 0.9),$$
             and every worker restarts from the new $\theta$. One all-reduce every $H$ steps: $H\times$ fewer
             bytes. The pseudo-gradient $\Delta$ can itself be compressed: `optdist.outer_loop(inner,
-            outer, H, axis, aggregator=...)` takes any communicating transform as the aggregator, e.g.
-            top-k with error feedback or QSGD.
+            outer, H, axis, aggregator=...)` (and `optdist.diloco(..., aggregator=...)`) takes any
+            aggregator of `optdist.aggregation`, e.g. top-k with error feedback,
+            `optdist.aggregation.compressed(optdist.compressors.top_k(0.01), feedback="ef")`.
             """
         ),
         INSTALL_MD,
@@ -753,8 +754,9 @@ def diloco_nb():
             """
             ## Compressed pseudo-gradients
 
-            The outer loop's `aggregator=` replaces the exact all-reduce of $\\Delta$ by any communicating
-            transform: sparse (top-k) and 1-bit (scaled sign) pseudo-gradients with error feedback (the
+            The outer loop's `aggregator=` replaces the exact all-reduce of $\\Delta$ by any aggregator
+            (`optdist.aggregation.compressed(compressor, feedback=...)`, `.powersgd(rank)`, `.robust(...)`;
+            the same objects `optdist.compressed_mean` / `optdist.powersgd` wrap for per-step gradients): sparse (top-k) and 1-bit (scaled sign) pseudo-gradients with error feedback (the
             residual of each round is kept per worker and added to the next round's $\\Delta_i$), or
             PowerSGD. Quantized messages are all-gathered, so an 8-bit quantizer (QSGD) would save nothing
             at $n = 8$ over the fp32 ring all-reduce; 1-bit sign does.
@@ -765,11 +767,12 @@ def diloco_nb():
             H = 20
             inner = optax.adamw(3e-3, weight_decay=1e-4)
             outer = optax.sgd(0.7, momentum=0.9, nesterov=True)
+            agg = optdist.aggregation  # aggregators: what an outer loop (or a gradient exchange) averages with
             aggregators = {
-                "top-k 10% + EF": optdist.compressed_mean(optdist.compressors.top_k(0.1), "data", feedback="ef"),
-                "top-k 1% + EF": optdist.compressed_mean(optdist.compressors.top_k(0.01), "data", feedback="ef"),
-                "sign + EF": optdist.compressed_mean(optdist.compressors.sign(), "data", feedback="ef"),
-                "PowerSGD rank 4": optdist.powersgd(4, "data"),
+                "top-k 10% + EF": agg.compressed(optdist.compressors.top_k(0.1), feedback="ef"),
+                "top-k 1% + EF": agg.compressed(optdist.compressors.top_k(0.01), feedback="ef"),
+                "sign + EF": agg.compressed(optdist.compressors.sign(), feedback="ef"),
+                "PowerSGD rank 4": agg.powersgd(4),
             }
             compressed = {}
             for name, agg in aggregators.items():

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import time
 
 import nbclient
@@ -89,8 +90,9 @@ def test_notebook_executes_in_a_kernel(path, tmp_path):
     start = time.perf_counter()
     try:
         client.execute(env=_kernel_env(), cwd=str(tmp_path))
-    except nbclient.exceptions.CellExecutionError as err:  # names the cell and its traceback
-        pytest.fail(f"{path.name} failed in a kernel:\n{err}")
+    except nbclient.exceptions.CellExecutionError as err:  # the cell's source and its traceback
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # IPython colours the traceback
+        pytest.fail(f"{path.name} failed in a kernel:\n{message[-6000:]}", pytrace=False)
     seconds = time.perf_counter() - start
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
