@@ -2,16 +2,18 @@
 
   python -m experiments.pareto runs/charlm_composition [--reference=exact_mean]
 
-Reads ``<workdir>/results.json`` (written by ``python -m experiments.compare``) and prints, per
-method: final validation loss, its gap to the reference (synchronous data parallel), bytes sent per
-worker, how many times fewer than the reference, and the modelled time to reach the reference's
+Reads every method's ``<workdir>/<method>/metrics.json`` (written by ``python -m
+experiments.compare`` as each method finishes, so a comparison run in several parts, or cut short,
+is read whole) and prints, per method: final validation loss, its gap to the reference
+(synchronous data parallel), bytes sent per worker, how many times fewer than the reference, and the modelled time to reach the reference's
 final loss within 2% on two networks (1 Gbit/s and 100 Mbit/s, 10 ms per communicating step):
 
   time = steps x compute per worker-step + bytes x 8 / bandwidth + communicating steps x latency,
 
 with compute the measured steady-state time of one simulated step divided by the number of
 workers (compilation excluded). It writes ``<workdir>/pareto.png`` (loss against log bytes, the
-Pareto front drawn through the non-dominated methods) and ``<workdir>/pareto.md``.
+Pareto front drawn through the non-dominated methods), ``<workdir>/pareto.md`` and
+``<workdir>/pareto.json`` (one row per method: ``method``, ``final_val_loss``, ``bytes_per_worker``...).
 """
 
 from __future__ import annotations
@@ -52,10 +54,26 @@ def pareto_front(rows):
     return front
 
 
+def load(workdir: str) -> dict:
+    """``{"rows", "histories", "workers"}`` from the per-method ``metrics.json`` files under ``workdir``."""
+    rows, histories, workers = [], {}, None
+    for name in sorted(os.listdir(workdir)):
+        path = os.path.join(workdir, name, "metrics.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                metrics = json.load(f)
+            rows.append(metrics["summary"])
+            histories[metrics["summary"]["method"]] = metrics["history"]
+            workers = metrics["config"]["num_workers"]
+    if not rows:
+        raise FileNotFoundError(f"no <method>/metrics.json under {workdir}: run experiments.compare first.")
+    return {"rows": rows, "histories": histories, "workers": workers}
+
+
 def analyse(results: dict, reference: str) -> list[dict]:
     """One row per method with the table's columns (see the module docstring)."""
     rows_in = results["rows"]
-    workers = results["config"]["base"]["num_workers"]
+    workers = results["workers"]
     ref = next((r for r in rows_in if r["method"] == reference), None)
     if ref is None:
         raise ValueError(f"--reference={reference!r} is not among {[r['method'] for r in rows_in]}.")
@@ -137,15 +155,15 @@ def main(argv):
     if len(argv) != 2:
         raise app.UsageError("usage: python -m experiments.pareto <workdir with results.json>")
     workdir = argv[1]
-    with open(os.path.join(workdir, "results.json")) as f:
-        results = json.load(f)
-    rows = analyse(results, _REFERENCE.value)
+    rows = analyse(load(workdir), _REFERENCE.value)
     text = table(rows, _REFERENCE.value)
     print(text)
     with open(os.path.join(workdir, "pareto.md"), "w") as f:
         f.write(text + "\n")
+    with open(os.path.join(workdir, "pareto.json"), "w") as f:
+        json.dump(rows, f, indent=1)
     plot(rows, os.path.join(workdir, "pareto.png"))
-    print(f"Wrote {workdir}/pareto.md and {workdir}/pareto.png")
+    print(f"Wrote {workdir}/pareto.md, pareto.json and pareto.png")
 
 
 if __name__ == "__main__":
