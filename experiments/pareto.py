@@ -6,7 +6,8 @@ Reads every method's ``<workdir>/<method>/metrics.json`` (written by ``python -m
 experiments.compare`` as each method finishes, so a comparison run in several parts, or cut short,
 is read whole) and prints, per method: final validation loss, its gap to the reference
 (synchronous data parallel), bytes sent per worker, how many times fewer than the reference, and
-the modelled time to reach the reference's final loss within 2% on two networks (1 Gbit/s and 100 Mbit/s, 10 ms per communicating step):
+the modelled time to reach the reference's final loss within 2% on two networks (1 Gbit/s and 100
+Mbit/s, 10 ms per communicating step):
 
   time = steps x compute per worker-step + bytes x 8 / bandwidth + communicating steps x latency,
 
