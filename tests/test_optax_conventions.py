@@ -57,35 +57,8 @@ from tests.test_common import NAMES, REGISTRY, WORKERS
 AXIS = "data"
 
 # Known library defects, found by these ports (strict: a fix turns them into a failure to remove here).
-_RAVEL = (
-    "robust_mean's init calls jax.flatten_util.ravel_pytree(params) (optdist/robust/robust_mean.py), "
-    "a reshape that an explicitly sharded leaf rejects without out_sharding (ShardingTypeError)"
-)
-_ZEROS = (
-    "init builds a parameter-shaped buffer with jnp.zeros(jnp.shape(p), ...) ({}), which drops the "
-    "parameter's sharding (the state is replicated instead of sharded like the parameter); "
-    "jnp.zeros_like(p, dtype=...) keeps it"
-)
-_FORWARDED = (
-    "optax.inject_hyperparams passes the **kwargs catch-all back by name (kwargs={}); the FedOpt "
-    "aliases (optdist/outer/fedopt.py) forward it to outer_loop without _validate.forwarded, so "
-    "outer_loop() gets an unexpected keyword argument 'kwargs'"
-)
-XFAIL = {
-    "abstract_init": {
-        "robust_mean[mean]": _RAVEL,
-        "robust_mean[trimmed_mean]": _RAVEL,
-        "robust_mean[centered_clip+nnm]": _RAVEL,
-        "byzantine[alie]+median": _RAVEL,
-        "gossip[choco+top_k]": _ZEROS.format("optdist/decentralized/gossip.py, the public copy"),
-        "gradient_tracking": _ZEROS.format("optdist/decentralized/gradient_tracking.py, the tracker"),
-        "shampoo": _ZEROS.format("optdist/preconditioning/shampoo.py, diagonal statistics of a vector"),
-        "shampoo[distributed roots]": _ZEROS.format(
-            "optdist/preconditioning/shampoo.py, diagonal statistics"
-        ),
-    },
-    "inject": {"fedavg": _FORWARDED, "fedadam": _FORWARDED, "fedyogi": _FORWARDED},
-}
+# Transforms whose property is a known defect (strict: a fix makes the test fail until it is removed).
+XFAIL: dict[str, dict[str, str]] = {}
 
 
 def names(test, pool=NAMES):

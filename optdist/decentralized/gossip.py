@@ -272,7 +272,7 @@ def gossip(
     base_key = jax.random.key(seed)
 
     def buffers(params):
-        return jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), compute_dtype(p.dtype)), params)
+        return jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, dtype=compute_dtype(p.dtype)), params)
 
     def init_fn(params):
         public = buffers(params) if compressor is not None else ()

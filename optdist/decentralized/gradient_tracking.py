@@ -82,7 +82,7 @@ def gradient_tracking(
     axis_name = validate_axis_name(axis_name)
 
     def init_fn(params):
-        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), compute_dtype(p.dtype)), params)
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, dtype=compute_dtype(p.dtype)), params)
         return GradientTrackingState(jnp.zeros((), jnp.int32), zeros, zeros, ByteCounter.zeros(axis_name))
 
     def update_fn(updates, state, params=None, **extra_args):

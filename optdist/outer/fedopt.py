@@ -126,7 +126,7 @@ def fedavg(
     client_lr: Any, server_lr: Any, sync_every: SyncEvery, axis_name: AxisName = "data", **kwargs: Any
 ) -> optax.GradientTransformationExtraArgs:
     outer = optax.sgd(_validate.learning_rate(server_lr, "server_lr"))
-    return outer_loop(_clients(client_lr), outer, sync_every, axis_name, **kwargs)
+    return outer_loop(_clients(client_lr), outer, sync_every, axis_name, **_validate.forwarded(kwargs))
 
 
 def _adaptive(kind: Kind):
@@ -142,7 +142,7 @@ def _adaptive(kind: Kind):
         **kwargs: Any,
     ) -> optax.GradientTransformationExtraArgs:
         outer = _server(kind, _validate.learning_rate(server_lr, "server_lr"), b1, b2, tau)
-        return outer_loop(_clients(client_lr), outer, sync_every, axis_name, **kwargs)
+        return outer_loop(_clients(client_lr), outer, sync_every, axis_name, **_validate.forwarded(kwargs))
 
     return make
 

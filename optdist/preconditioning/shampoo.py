@@ -280,7 +280,8 @@ def _init(opts: _Options, params: Any) -> ShampooState:
         slots = dict(zip(layout.keys, layout.group_sizes))
     banks = init_banks(layout, slots, cdt, stat_dt, pre_dt)
     diag_dt = cdt if stat_dt in storage.INTEGER_DTYPES else stat_dt
-    diagonal = tuple(jnp.zeros(lay.shape, diag_dt) for lay in layout.leaves if lay.diagonal)
+    # zeros_like keeps a sharded parameter's sharding on its diagonal statistics
+    diagonal = tuple(jnp.zeros_like(x, diag_dt) for x, lay in zip(leaves, layout.leaves) if lay.diagonal)
     graft_state = () if opts.graft_tx is None else opts.graft_tx.init(params)
     return ShampooState(
         jnp.zeros((), jnp.int32), *banks, diagonal, graft_state, ByteCounter.zeros(opts.axis_name)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+import jax
+import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
@@ -87,9 +91,8 @@ def robust(rule: Rule, pre_aggregation: PreAggregation | None = None) -> Aggrega
         raise TypeError(f"pre_aggregation must be a function [n, d] -> [n, d]; got {pre_aggregation!r}.")
     full = with_pre_aggregation(rule, pre_aggregation)
 
-    def init(params):
-        flat, _ = ravel_pytree(params)
-        return full.init(flat.size)
+    def init(params):  # the flattened size (no ravel: a reshape would drop an explicit sharding)
+        return full.init(sum(math.prod(jnp.shape(x)) for x in jax.tree_util.tree_leaves(params)))
 
     def aggregate(tree, state, channel, *, weights=None):
         if weights is not None:

@@ -234,7 +234,7 @@ def seeded_spsa(
             z = _direction(jax.random.fold_in(step_key, m), params)
             return jax.tree_util.tree_map(lambda a, d: a + p_hat[m].astype(d.dtype) * d, acc, z)
 
-        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), compute_dtype(p.dtype)), params)
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, dtype=compute_dtype(p.dtype)), params)
         acc = lax.fori_loop(0, total, accumulate, zeros)
         grads = jax.tree_util.tree_map(lambda a, p: (a / total).astype(p.dtype), acc, params)
         return grads, SeededSPSAState(state.count + 1, channel.counter)
