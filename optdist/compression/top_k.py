@@ -120,12 +120,27 @@ def top_k(
                              f"with method={method!r}.")  # fmt: skip
     resolve_impl(impl, unsupported=f"top_k(method={method!r}) has no kernel; method='fused_threshold' has")
 
+    encode = _encode_exact(ratio) if method == "exact" else _encode_threshold(ratio, sample_size)
+    compressor = gathered(f"top_k({ratio:g}, {method})", encode, _scatter)
+    # k = ceil(ratio d) >= ratio d, so delta = k / d >= ratio on every leaf (exact top-k only).
+    return compressor._replace(contraction=ratio) if method == "exact" else compressor
+
+
+def _encode_exact(ratio: float):
+    """``top_k(method="exact")``'s encoder: ``lax.top_k`` over all ``d`` entries."""
+
     def encode_exact(x, key):
         del key
         if x.shape[0] == 0:
             return _empty_payload(x, count=False)
         _, idx = lax.top_k(jnp.abs(x), num_kept(ratio, x.shape[0]))
         return {"values": x[idx], "indices": idx.astype(jnp.int32)}
+
+    return encode_exact
+
+
+def _encode_threshold(ratio: float, sample_size: int):
+    """``top_k(method="threshold")``'s encoder: a sampled quantile, then the top-k of ``2k`` candidates."""
 
     def encode_threshold(x, key):
         d = x.shape[0]
@@ -147,10 +162,7 @@ def top_k(
         values = jnp.where(jnp.arange(k) < count, x[idx], 0)
         return {"values": values, "indices": idx, "count": count}
 
-    encode = encode_exact if method == "exact" else encode_threshold
-    compressor = gathered(f"top_k({ratio:g}, {method})", encode, _scatter)
-    # k = ceil(ratio d) >= ratio d, so delta = k / d >= ratio on every leaf (exact top-k only).
-    return compressor._replace(contraction=ratio) if method == "exact" else compressor
+    return encode_threshold
 
 
 def _fused_threshold(ratio: float, tol: float, sample_size: int, max_refine: int, impl: str) -> Compressor:
