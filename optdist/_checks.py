@@ -31,12 +31,15 @@ def check_same_structure(updates: Any, other: Any, other_name: str) -> None:
             )
 
 
-def check_floating(updates: Any, who: str) -> None:
-    for leaf in jax.tree_util.tree_leaves(updates):
+def check_floating(updates: Any, who: str, what: str = "gradients") -> None:
+    """A TypeError naming the first non-floating leaf (its path and dtype) and the fix."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            where = jax.tree_util.keystr(path) or "the root"
             raise TypeError(
-                f"{who} needs floating-point gradients; got a leaf of dtype "
-                f"{jnp.result_type(leaf)}. Cast integer leaves out of the optimized tree."
+                f"{who} needs floating-point {what}; the leaf at {where} has dtype "
+                f"{jnp.result_type(leaf)}. Cast integer leaves out of the optimized tree (e.g. keep "
+                "step counters in a separate collection, or use optax.masked / optax.partition)."
             )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import optax
 
+from optdist import _checks
 from optdist.comm.aggregation import as_transform, exact_mean
 from optdist.comm.axes import AxisName
 
@@ -22,6 +23,7 @@ def mean_gradients(axis_name: AxisName) -> optax.GradientTransformationExtraArgs
     worker's mean. ``optax.apply_if_finite`` is *not* enough here (it checks
     each worker's input alone); wrap the chain in
     :func:`optdist.skip_nonfinite` to skip the step on every worker alike.
+    Integer gradient leaves raise a TypeError naming the leaf (a mean of integers is no integer).
 
     Args:
       axis_name: worker axis (str or tuple of str), or None for one worker.
@@ -34,4 +36,6 @@ def mean_gradients(axis_name: AxisName) -> optax.GradientTransformationExtraArgs
       tx = optax.chain(optdist.mean_gradients("data"), optax.adam(1e-3))
       step = optdist.simulate(train_step, axis_name="data")
     """
-    return as_transform(exact_mean(), axis_name)
+    return as_transform(
+        exact_mean(), axis_name, check=lambda updates: _checks.check_floating(updates, "mean_gradients")
+    )

@@ -177,6 +177,22 @@ def default_econtrol_eta(compressor: Compressor) -> float:
     return (0.01 if delta is None else float(delta)) / 4
 
 
+def _check_compressor_state(compressor: Compressor, updates: Any, state: Any) -> None:
+    """Without feedback no state mirrors the gradient tree: compare the compressor's state with the one
+    ``compressor.init(updates)`` would build (abstractly, nothing runs), so a state initialised for
+    other parameters raises instead of being silently misused (PowerSGD's ``Q``, DeMo's momentum)."""
+    spec = lambda t: jax.tree_util.tree_map(lambda x: (jnp.shape(x), jnp.result_type(x)), t)  # noqa: E731
+    expected = jax.eval_shape(compressor.init, updates)
+    if jax.tree_util.tree_structure(expected) != jax.tree_util.tree_structure(state) or spec(
+        expected
+    ) != spec(state):
+        raise ValueError(
+            f"The gradient tree does not match the state of {compressor.name}: it was initialised for "
+            "other parameters (its compressor state differs from what init(gradients) builds). Pass "
+            "gradients of the same parameters the optimizer state was initialised with."
+        )
+
+
 def _feedback_step(compressor, feedback, eta, decay, updates, state, key, channel):
     """One step of the feedback rule: ``(output, aggregate, error, local_h, shared_h)``."""
 
@@ -261,6 +277,8 @@ def compressed(
                 "mean or a robust aggregator with partial participation."
             )
         _checks.check_same_structure(updates, state.error if has_error else state.local_h, "the state")
+        if not (has_error or has_h):
+            _check_compressor_state(compressor, updates, state.compressor)
         key = jax.random.fold_in(jax.random.key(seed), state.count)
         out, agg, error, local_h, shared_h = _feedback_step(
             compressor, feedback, eta, decay, updates, state, key, channel

@@ -112,11 +112,12 @@ def async_local_sgd(
         raise ValueError(f"local_steps has {len(steps)} entries but speeds has {len(speeds)} workers.")
     if dynamic_local_steps:
         steps = tuple(max(1, h * min(speeds) // k) for h, k in zip(steps, speeds))
-    inner = optax.with_extra_args_support(inner)
+    inner = optax.with_extra_args_support(_validate.transformation(inner, "inner"))
     outer = delayed_nesterov_outer(_validate.learning_rate(outer_lr, "outer_lr"), momentum, buffer_size)
     speeds_arr, steps_arr = np.asarray(speeds, np.int32), np.asarray(steps, np.int32)
 
     def init_fn(params):
+        _checks.check_floating(params, "async_local_sgd", "parameters")
         params = jax.tree_util.tree_map(jnp.asarray, params)
         zero = jnp.zeros((), jnp.int32)
         return AsyncLocalSGDState(
@@ -134,6 +135,7 @@ def async_local_sgd(
         if params is None:
             raise ValueError("async_local_sgd needs params in update(grads, state, params).")
         _checks.check_same_structure(updates, params, "params")
+        _checks.check_floating(params, "async_local_sgd", "parameters")
         channel = Channel(axis_name)
         if channel.size != len(speeds):
             raise ValueError(f"speeds has {len(speeds)} entries but there are {channel.size} workers.")

@@ -254,7 +254,8 @@ def outer_loop(
     (sending zeros), as they would in a real ring.
 
     State placement: the inner state is per worker; the anchor, outer state
-    and counters are identical on every worker.
+    and counters are identical on every worker. Parameters must be floating point: an integer
+    leaf raises a TypeError naming it at ``init`` (keep counters out of the optimized tree).
 
     Bytes: zero on non-sync steps. On a sync step, what the aggregator sends
     (default: one ring all-reduce of the parameters, ``2 (n-1) ceil(E/n) s``;
@@ -325,6 +326,7 @@ def outer_loop(
     outer = optax.with_extra_args_support(outer)
 
     def init_fn(params):
+        _checks.check_floating(params, "outer_loop", "parameters")
         zero = jnp.zeros((), jnp.int32)
         return OuterLoopState(
             count=zero,
@@ -343,6 +345,7 @@ def outer_loop(
         if params is None:
             raise ValueError("outer_loop needs params in update(grads, state, params).")
         _checks.check_same_structure(updates, params, "params")
+        _checks.check_floating(params, "outer_loop", "parameters")
         u, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         local = jax.tree_util.tree_map(lambda p, d: (p + d).astype(p.dtype), params, u)
         is_sync = state.since_sync + 1 >= state.round_length

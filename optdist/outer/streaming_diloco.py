@@ -154,6 +154,7 @@ def streaming_diloco(
         return x if outer_dtype is None else x.astype(outer_dtype)
 
     def init_fn(params):
+        _checks.check_floating(params, "streaming_diloco", "parameters")
         leaves = jax.tree_util.tree_leaves(params)
         groups = _fragments(len(leaves), num_fragments)
         return StreamingDiLoCoState(
@@ -170,6 +171,7 @@ def streaming_diloco(
         if params is None:
             raise ValueError("streaming_diloco needs params in update(grads, state, params).")
         _checks.check_same_structure(updates, params, "params")
+        _checks.check_floating(params, "streaming_diloco", "parameters")
         u, inner_state = inner.update(updates, state.inner_state, params)
         local = jax.tree_util.tree_map(lambda p, d: (p + d).astype(p.dtype), params, u)
         treedef = jax.tree_util.tree_structure(params)
