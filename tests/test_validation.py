@@ -1,17 +1,22 @@
-"""Every public factory rejects bad hyperparameters at construction, naming the parameter.
+"""Every public factory rejects bad hyperparameters at construction, naming the parameter; every
+transform of the common suite handles edge leaves or names them.
 
 The table walks every public factory in ``optdist.__all__`` (a test checks none
-is missing) with values outside the allowed range.
+is missing) with values outside the allowed range. The edge-leaf table walks
+``tests/test_common.py::REGISTRY`` with zero-element, 0-d, integer and half-precision leaves.
 """
 
 import inspect
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
 import optdist
 from optdist import aggregators, attacks
+from tests.test_common import NAMES, REGISTRY
 
 SGD = optax.sgd(0.1)
 
@@ -29,6 +34,10 @@ BAD = [
     ("diloco", lambda: optdist.diloco(-1e-3, sync_every=10), "inner_lr"),
     ("diloco", lambda: optdist.diloco(1e-3, outer_momentum=1.5), "outer_momentum"),
     ("streaming_diloco", lambda: optdist.streaming_diloco(1e-3, 10, alpha=1.5), "alpha"),
+    ("sparseloco", lambda: optdist.sparseloco(0.01, density=2.0), "density"),
+    ("muloco", lambda: optdist.muloco(0.01, bits=3), "bits"),
+    ("diloco", lambda: optdist.diloco(1e-3, inner_dtype="float16"), "inner_dtype"),
+    ("streaming_diloco", lambda: optdist.streaming_diloco(1e-3, 10, inner_eps=-1.0), "inner_eps"),
     ("fedavg", lambda: optdist.fedavg(0.1, -1.0, 10), "server_lr"),
     ("fedadam", lambda: optdist.fedadam(0.1, 0.01, 0), "sync_every"),
     ("fedyogi", lambda: optdist.fedyogi(0.1, 0.01, 10, tau=-1.0), "tau"),
@@ -128,3 +137,81 @@ def test_every_public_factory_is_in_the_table():
     }
     covered = {n for n, _, _ in BAD}
     assert factories <= covered, f"add bad-value rows for: {sorted(factories - covered)}"
+
+
+# --- Edge leaves (issue 18): every transform of the common suite either handles a zero-element leaf, a
+# 0-d leaf, an integer leaf and float16 / bfloat16 leaves correctly (output of the leaf's shape and
+# dtype, finite output and state, an empty leaf passed through untouched), or rejects the tree with an
+# error that names the leaf and the fix. One jitted step per (transform, tree), tiny shapes.
+
+EDGE_WORKERS = 4
+EDGE_TREES = {
+    # a zero-element leaf and a 0-d leaf next to an ordinary one
+    "empty_and_0d": lambda: {"w": jnp.ones((5, 3)), "empty": jnp.ones((0, 3)), "scalar": jnp.ones(())},
+    "integer": lambda: {"w": jnp.ones((5, 3)), "step": jnp.arange(3, dtype=jnp.int32)},
+    "half": lambda: {"bf16": jnp.ones((5, 3), jnp.bfloat16), "fp16": jnp.ones((4, 3), jnp.float16)},
+}
+FIX_WORDS = ("cast", "pass ", "use ", "keep ")
+# (transform, tree) pairs known to fail, with why; strict, so a fix shows up as an XPASS.
+EDGE_XFAIL: dict[tuple[str, str], str] = {}
+
+
+def _edge_grads(params):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    key = jax.random.key(0)
+
+    def grad(i, p):
+        shape = (EDGE_WORKERS, *p.shape)
+        if not jnp.issubdtype(p.dtype, jnp.floating):
+            return jnp.zeros(shape, p.dtype)
+        return (0.1 * jax.random.normal(jax.random.fold_in(key, i), shape)).astype(p.dtype)
+
+    return treedef.unflatten([grad(i, p) for i, p in enumerate(leaves)])
+
+
+def _edge_params():
+    return [
+        pytest.param(
+            name,
+            tree,
+            marks=[pytest.mark.xfail(strict=True, reason=EDGE_XFAIL[name, tree])]
+            if (name, tree) in EDGE_XFAIL
+            else [],
+            id=f"{name}:{tree}",
+        )
+        for name in NAMES
+        for tree in EDGE_TREES
+    ]
+
+
+def _finite(x):
+    return not jnp.issubdtype(x.dtype, jnp.inexact) or bool(np.isfinite(np.asarray(x, np.float32)).all())
+
+
+@pytest.mark.parametrize("name,tree", _edge_params())
+def test_edge_leaves_are_handled_or_named(name, tree):
+    tx = REGISTRY[name].make("data")
+    params = EDGE_TREES[tree]()
+    try:
+        state = tx.init(params)
+        params_w, state_w = optdist.replicate((params, state), EDGE_WORKERS)
+        out, new_state = optdist.simulate(lambda g, s, p: tx.update(g, s, p))(
+            _edge_grads(params), state_w, params_w
+        )
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        named = [key for key in params if key != "w" and f"'{key}'" in message]
+        assert named, f"{name} rejects the {tree} tree without naming the leaf: {message}"
+        assert any(w in message.lower() for w in FIX_WORDS), f"{name}: no fix in the error: {message}"
+        return
+    assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(params)
+    for key, p in params.items():
+        o = out[key]
+        assert o.shape == (EDGE_WORKERS, *p.shape) and o.dtype == p.dtype, (key, o.shape, o.dtype)
+        assert _finite(o), f"{name}: output leaf {key!r} is not finite"
+    bad = [
+        jax.tree_util.keystr(k)
+        for k, x in jax.tree_util.tree_flatten_with_path(new_state)[0]
+        if not _finite(x)
+    ]
+    assert not bad, f"{name}: non-finite state entries {bad}"

@@ -22,8 +22,9 @@ def dct_matrix(n: int) -> np.ndarray:
 
 
 def _tile_side(dim: int, target: int) -> int:
-    """The largest divisor of ``dim`` that is at most ``target`` (tiles never need padding)."""
-    return max(c for c in range(1, min(dim, target) + 1) if dim % c == 0)
+    """The largest divisor of ``dim`` that is at most ``target`` (tiles never need padding); 1 for an
+    empty dimension (a zero-element leaf is never compressed, it only gets sized)."""
+    return max((c for c in range(1, min(dim, target) + 1) if dim % c == 0), default=1)
 
 
 def _as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
