@@ -111,8 +111,25 @@ def bytes_sent(state: Any, axis_name: AxisName | str = "all") -> np.ndarray:
             )
         counters = matching
     if not counters:
+        _refuse_flattened_counters(state)
         return np.zeros((), np.int64)
     return sum(c.value() for c in counters)
+
+
+def _refuse_flattened_counters(state: Any) -> None:
+    """A state whose counters were turned into plain ``{"hi", "lo"}`` entries (``flax.nnx.state`` of an
+    ``nnx.Optimizer`` does this) would read as 0 bytes: raise instead, saying where to read."""
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+
+    def has(word):  # an entry named word, possibly wrapped (nnx keeps each array under `.value`)
+        return any(f"['{word}']" in p or p.endswith(f".{word}") for p in paths)
+
+    if has("hi") and has("lo"):
+        raise ValueError(
+            "bytes_sent: this state holds 'hi'/'lo' entries but no ByteCounter: its counters were flattened "
+            "(e.g. by flax.nnx.state). Read the optimizer state itself, e.g. "
+            "nnx.merge(graphdef, state)[1].opt_state."
+        )
 
 
 def _arrays(tree: Any) -> Iterable[tuple[int, int]]:

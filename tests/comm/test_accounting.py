@@ -56,3 +56,18 @@ def test_bytes_sent_filters_by_axis_and_stacks():
     other = (ByteCounter.zeros("ici").add(2**33), {"x": ByteCounter.zeros("dcn").add(1)})
     stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), state, other)
     np.testing.assert_array_equal(bytes_sent(stacked), [17, 2**33 + 1])
+
+
+def test_flattened_counters_are_refused_not_read_as_zero():
+    """flax.nnx.state turns a ByteCounter into {"hi", "lo"} entries: bytes_sent must not report 0."""
+    import optax
+    from flax import nnx
+
+    import optdist
+
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.chain(optdist.mean_gradients(None), optax.sgd(0.1)), wrt=nnx.Param)
+    _, state = nnx.split((model, optimizer))
+    with pytest.raises(ValueError, match="flattened"):
+        optdist.bytes_sent(state)
+    assert int(optdist.bytes_sent(optimizer.opt_state)) == 0  # the real state: no counter error
