@@ -143,6 +143,17 @@ def powersgd(
     ``next_pow2(rows) · next_pow2(r) > 2**16``) use XLA under ``"auto"``/``"xla"`` and raise a
     ``ValueError`` under ``"pallas"``. QR orthogonalization is always XLA.
 
+    Error-feedback residuals: the protocol sees the workers' matrices only through their mean
+    (:math:`P = \bar M Q`, :math:`Q = \bar M^\top \hat P`), and every worker subtracts the same
+    :math:`\bar M`-decoded value, so exactly :math:`e_i - \bar e = \sum_t (g_{i,t} - \bar g_t)`: the
+    mean residual :math:`\bar e` stays bounded while each worker's deviation from it is the running
+    sum of its gradient deviations, growing like :math:`\sqrt t` for i.i.d. noise (measured, 4
+    workers, 64 x 32, rank 4, unit noise: :math:`\|e_0\|` 261 / 436 / 1239 at steps 10 / 100 / 1000,
+    :math:`\|\bar e\|` 230 / 227 / 230) and like ``t`` for persistent heterogeneity. In exact
+    arithmetic the deviations never reach the output; in float32 they cost cancellation in
+    :math:`\bar M = \mathrm{mean}_i (g_i + e_i)`, relative to :math:`\|e_i\|` rather than
+    :math:`\|\bar e\|`.
+
     State (identical on every worker): ``Q`` per group, initialized from
     ``seed`` (i.i.d. normal, the same on all workers); without warm start a
     fresh ``Q`` is drawn each step from the shared step key.
