@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -82,6 +83,92 @@ def _random_q(key: jax.Array, group_index: int, group: _Group) -> jax.Array:
 def _stack(leaves: list, group: _Group) -> jax.Array:
     """The group's leaves as one ``[B, rows, cols]`` batch in the group's compute dtype."""
     return jnp.stack([leaves[i].reshape(group.rows, group.cols).astype(group.dtype) for i in group.leaves])
+
+
+def _validate_options(rank, orthogonalization, start_step, seed, matrix_layout, impl) -> int:
+    from optdist_kernels import resolve_impl
+
+    rank = _checks.positive_int(rank, "rank")
+    if orthogonalization not in _ORTHOGONALIZATIONS:
+        raise ValueError(
+            f"orthogonalization must be one of {_ORTHOGONALIZATIONS}; got {orthogonalization!r}."
+        )
+    if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+        raise ValueError(f"start_step must be an integer >= 0; got {start_step!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int; got {seed!r}.")
+    if matrix_layout not in _LAYOUTS:
+        raise ValueError(f"matrix_layout must be one of {_LAYOUTS}; got {matrix_layout!r}.")
+    resolve_impl(impl)  # validates impl (the kernels' dispatch decides Pallas vs XLA per shape)
+    return rank
+
+
+@dataclasses.dataclass(frozen=True)
+class _Passes:
+    """The fused passes of one PowerSGD step, on the kernels where they take the group, else XLA."""
+
+    impl: str
+    orthogonalization: str
+
+    @staticmethod
+    def kernel_limit(group: _Group) -> str | None:
+        """Why the fused EF kernels cannot take this group (None: they can)."""
+        from optdist_kernels import powersgd as kernels
+
+        if np.dtype(group.dtype) != np.float32:
+            return f"the kernels compute in float32, the group's compute dtype is {np.dtype(group.dtype)}"
+        if group.rank > kernels.MAX_RANK:
+            return f"the kernels take rank <= {kernels.MAX_RANK}"
+        return None
+
+    def gram_schmidt_limit(self, group: _Group) -> str | None:
+        from optdist_kernels import next_pow2
+        from optdist_kernels import powersgd as kernels
+
+        limit = self.kernel_limit(group)
+        if limit is None and next_pow2(group.rows) * next_pow2(group.rank) > kernels.MAX_ORTHO_ELEMENTS:
+            limit = f"next_pow2(rows) * next_pow2(rank) must be <= {kernels.MAX_ORTHO_ELEMENTS} (on chip)"
+        return limit
+
+    def use_kernel(self, group: _Group, limit: str | None, what: str) -> bool:
+        """True if ``what`` runs through the kernel module; raises for ``impl="pallas"`` if it cannot."""
+        from optdist_kernels import resolve_impl
+
+        if limit is None:
+            return True
+        shapes = f"{len(group.leaves)} x {group.rows} x {group.cols} matrices (rank {group.rank})"
+        resolve_impl(
+            self.impl, unsupported=f"powersgd: {what} of the {shapes} cannot run as a kernel: {limit}"
+        )
+        return False
+
+    def orthonormalize(self, p: jax.Array, group: _Group) -> jax.Array:
+        from optdist_kernels import powersgd as kernels
+
+        auto_gs = self.orthogonalization == "auto" and group.rank <= 4
+        if not (self.orthogonalization == "gram_schmidt" or auto_gs):
+            return _qr(p)
+        if self.use_kernel(group, self.gram_schmidt_limit(group), "Gram-Schmidt"):
+            return kernels.gram_schmidt(p, impl=self.impl)
+        return kernels.gram_schmidt_reference(p)  # same math in the leaf dtype, any rank
+
+    def ef_project(self, g: jax.Array, e: jax.Array, q: jax.Array, group: _Group):
+        """``M = G + E`` and ``M Q`` (fused where the kernels take the group)."""
+        from optdist_kernels import powersgd as kernels
+
+        if self.use_kernel(group, self.kernel_limit(group), "the fused error feedback"):
+            return kernels.ef_project(g, e, q, impl=self.impl)
+        m = g + e
+        return m, _matmul(m, q)
+
+    def decode_residual(self, m: jax.Array, p: jax.Array, q: jax.Array, group: _Group):
+        """``D = P̂ Qᵀ`` and ``M - D`` (fused where the kernels take the group)."""
+        from optdist_kernels import powersgd as kernels
+
+        if self.use_kernel(group, self.kernel_limit(group), "the fused error feedback"):
+            return kernels.decode_residual(m, p, q, impl=self.impl)
+        d = _matmul(p, _transpose(q))
+        return d, m - d
 
 
 def powersgd(
@@ -190,66 +277,14 @@ def powersgd(
       Vogels, Karimireddy, Jaggi, "PowerSGD: Practical Low-Rank Gradient Compression for
       Distributed Optimization", NeurIPS 2019.
     """
-    from optdist_kernels import next_pow2, resolve_impl
-    from optdist_kernels import powersgd as kernels
-
-    rank = _checks.positive_int(rank, "rank")
-    if orthogonalization not in _ORTHOGONALIZATIONS:
-        raise ValueError(
-            f"orthogonalization must be one of {_ORTHOGONALIZATIONS}; got {orthogonalization!r}."
-        )
+    rank = _validate_options(rank, orthogonalization, start_step, seed, matrix_layout, impl)
     min_compression_rate = _checks.in_range(min_compression_rate, "min_compression_rate", 0.0, float("inf"))
-    if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-        raise ValueError(f"start_step must be an integer >= 0; got {start_step!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int; got {seed!r}.")
-    if matrix_layout not in _LAYOUTS:
-        raise ValueError(f"matrix_layout must be one of {_LAYOUTS}; got {matrix_layout!r}.")
-    resolve_impl(impl)  # validates impl (the kernels' dispatch decides Pallas vs XLA per shape)
-
-    def kernel_limit(group: _Group) -> str | None:
-        """Why the fused EF kernels cannot take this group (None: they can)."""
-        if np.dtype(group.dtype) != np.float32:
-            return f"the kernels compute in float32, the group's compute dtype is {np.dtype(group.dtype)}"
-        if group.rank > kernels.MAX_RANK:
-            return f"the kernels take rank <= {kernels.MAX_RANK}"
-        return None
-
-    def gram_schmidt_limit(group: _Group) -> str | None:
-        limit = kernel_limit(group)
-        if limit is None and next_pow2(group.rows) * next_pow2(group.rank) > kernels.MAX_ORTHO_ELEMENTS:
-            limit = f"next_pow2(rows) * next_pow2(rank) must be <= {kernels.MAX_ORTHO_ELEMENTS} (on chip)"
-        return limit
-
-    def use_kernel(group: _Group, limit: str | None, what: str) -> bool:
-        """True if ``what`` runs through the kernel module; raises for ``impl="pallas"`` if it cannot."""
-        if limit is None:
-            return True
-        shapes = f"{len(group.leaves)} x {group.rows} x {group.cols} matrices (rank {group.rank})"
-        resolve_impl(impl, unsupported=f"powersgd: {what} of the {shapes} cannot run as a kernel: {limit}")
-        return False
-
-    def orthonormalize(p: jax.Array, group: _Group) -> jax.Array:
-        use_gs = orthogonalization == "gram_schmidt" or (orthogonalization == "auto" and group.rank <= 4)
-        if not use_gs:
-            return _qr(p)
-        if use_kernel(group, gram_schmidt_limit(group), "Gram-Schmidt"):
-            return kernels.gram_schmidt(p, impl=impl)
-        return kernels.gram_schmidt_reference(p)  # same math in the leaf dtype, any rank
-
-    def ef_project(g: jax.Array, e: jax.Array, q: jax.Array, group: _Group):
-        """``M = G + E`` and ``M Q`` (fused where the kernels take the group)."""
-        if use_kernel(group, kernel_limit(group), "the fused error feedback"):
-            return kernels.ef_project(g, e, q, impl=impl)
-        m = g + e
-        return m, _matmul(m, q)
-
-    def decode_residual(m: jax.Array, p: jax.Array, q: jax.Array, group: _Group):
-        """``D = P̂ Qᵀ`` and ``M - D`` (fused where the kernels take the group)."""
-        if use_kernel(group, kernel_limit(group), "the fused error feedback"):
-            return kernels.decode_residual(m, p, q, impl=impl)
-        d = _matmul(p, _transpose(q))
-        return d, m - d
+    passes = _Passes(impl, orthogonalization)
+    orthonormalize, ef_project, decode_residual = (
+        passes.orthonormalize,
+        passes.ef_project,
+        passes.decode_residual,
+    )
 
     def init(params):
         groups, _ = _plan(jax.tree_util.tree_leaves(params), rank, min_compression_rate, matrix_layout)

@@ -15,7 +15,7 @@ from optdist.feedback import compressed_mean
 
 
 def _aggregate(comp, x, key=None, state=None, step=0):
-    """One worker (axis None), jitted: returns (mean, local, state, bytes)."""
+    """One worker (axis None), jitted: returns (mean, local, state)."""
     key = jax.random.key(0) if key is None else key
     state = comp.init(x) if state is None else state
     run = lambda x, s, k: comp.aggregate(x, s, k, jnp.int32(step), Channel(None))
@@ -134,7 +134,7 @@ def test_demo_matches_float64_reference_of_2d_tiles_and_conserves_momentum():
     # A 12 x 10 leaf: tiles of 6 x 5 (largest divisors <= 8), 2-D DCT, top-3 of 30 per tile.
     x = {"v": jax.random.normal(jax.random.key(8), (12, 10))}
     m_old = jax.random.normal(jax.random.key(9), (12, 10))
-    mean, local, new, _ = _aggregate(comp, x, state=(m_old,))
+    mean, local, new = _aggregate(comp, x, state=(m_old,))
     m = 0.9 * np.asarray(m_old, np.float64) + np.asarray(x["v"], np.float64)
     want = _np_demo_reference(m, 8, 3)
     np.testing.assert_allclose(local["v"], want, rtol=1e-4, atol=1e-5)
@@ -144,7 +144,7 @@ def test_demo_matches_float64_reference_of_2d_tiles_and_conserves_momentum():
     coef = np.zeros((4, 8))
     coef[:, [0, 3, 6]] = np.random.default_rng(0).normal(size=(4, 3))
     v = {"v": jnp.asarray((coef @ basis).reshape(32), jnp.float32)}
-    mean, _, state, _ = _aggregate(comp, v)
+    mean, _, state = _aggregate(comp, v)
     np.testing.assert_allclose(mean["v"], v["v"], atol=1e-5)
     np.testing.assert_allclose(state[0], 0.0, atol=1e-5)
 

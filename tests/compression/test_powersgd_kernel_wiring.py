@@ -211,7 +211,8 @@ def test_groups_the_kernels_cannot_take_fall_back_under_auto_and_raise_under_pal
         _count_kernels(gs(impl="pallas"), big)
     comp = gs(impl="auto")
     args = (comp.init(big), jax.random.key(0), jnp.int32(0), Channel(None))
-    agg, new_error = jax.jit(comp.aggregate_ef)(big, jax.tree_util.tree_map(jnp.zeros_like, big), *args)
+    run = jax.jit(lambda x, e: comp.aggregate_ef(x, e, *args))  # the Channel is static (closed over)
+    agg, new_error = run(big, jax.tree_util.tree_map(jnp.zeros_like, big))
     # Rank 4 of a 4-column matrix: exact recovery, residual ~ 0.
     np.testing.assert_allclose(agg.mean["m"], big["m"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(new_error["m"], 0.0, atol=1e-4)
