@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     }
     v.sparseloco_h30 = {"method": "sparseloco", "sync_every": 30, "density": 0.03}
     v.sparseloco_h100 = {"method": "sparseloco", "sync_every": 100, "density": 0.03}
+    v.sparseloco_h50_d2 = {"method": "sparseloco", "sync_every": 50, "density": 0.02}
     v.muloco_h100 = {"method": "muloco", "sync_every": 100}
     v.demo = {"method": "demo"}
     v.diloco_h100_int2_ef = {
@@ -53,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
             "streaming_h100_fp4",
             "sparseloco_h30",
             "sparseloco_h100",
+            "sparseloco_h50_d2",
             "muloco_h100",
             "demo",
             "diloco_h100_int2_ef",
