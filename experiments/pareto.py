@@ -142,6 +142,10 @@ def plot(rows, path: str) -> None:
         )
     pts = sorted((max(r["bytes_per_worker"], 1), r["final_val_loss"]) for r in rows if r["method"] in front)
     ax.plot(*zip(*pts), "k--", lw=1, label="Pareto front")
+    ref = min(r["final_val_loss"] / (1 + r["gap"]) for r in rows)  # the reference's loss
+    ax.axhline(
+        ref * (1 + TOLERANCE), color="grey", lw=0.8, ls=":", label=f"reference + {100 * TOLERANCE:.0f}%"
+    )
     ax.set_xscale("log")
     ax.set_xlabel("bytes sent per worker (log)")
     ax.set_ylabel("final validation loss")
