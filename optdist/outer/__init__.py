@@ -10,6 +10,7 @@ from optdist.outer.local_sgd import local_sgd
 from optdist.outer.low_comm import muloco, sparseloco
 from optdist.outer.outer_loop import OuterLoopState, SyncHook, outer_loop
 from optdist.outer.scaffold import ScaffoldState, scaffold, scaffold_correction
+from optdist.outer.schedule_free import schedule_free_eval_params
 from optdist.outer.schedules import qsr_sync_every
 from optdist.outer.streaming_diloco import StreamingDiLoCoState, streaming_diloco
 
@@ -40,5 +41,6 @@ __all__ = [
     "scaffold_correction",
     "scale_by_fedopt",
     "scale_by_round_scaling",
+    "schedule_free_eval_params",
     "streaming_diloco",
 ]
