@@ -28,6 +28,7 @@ import ml_collections
 import optax
 
 import optdist
+from optdist import memory
 
 FEEDBACK = ("none", "ef", "ef21", "econtrol")
 
@@ -162,6 +163,20 @@ def _feedback(o) -> str | None:
 @register("exact_mean", description="synchronous data parallel: exact all-reduce mean")
 def _exact_mean(config, o, axis_name):
     return optax.chain(optdist.mean_gradients(axis_name), base_optimizer(config))
+
+
+@register(
+    "micro_adam",
+    {"density": 0.01, "window": 10, "bits": 4},
+    description="exact mean + MicroAdam (learning_rate, weight_decay of the config) instead of the optimizer",
+    family="preconditioning",
+)
+def _micro_adam(config, o, axis_name):
+    wd = config.weight_decay if config.optimizer == "adamw" else 0.0
+    tx = memory.micro_adam(
+        config.learning_rate, density=o.density, window=o.window, bits=o.bits, weight_decay=wd
+    )
+    return optax.chain(optdist.mean_gradients(axis_name), tx)
 
 
 @register("local_only", communicates=False, description="each worker trains alone", family="local")

@@ -18,7 +18,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import optdist
-from optdist import aggregators, attacks, compressors
+import optdist.momentum
+from optdist import aggregators, attacks, compressors, memory
 from tests.helpers import assert_trees_close, linear_loss, linear_problem
 
 WORKERS = 4
@@ -117,6 +118,43 @@ REGISTRY = {
             optdist.gossip("exponential", ax, order="combine_then_adapt"),
         ),
         "update",
+    ),
+    # Memory-light and private methods (issue 16).
+    "micro_adam": Entry(
+        lambda ax: optax.chain(
+            optdist.mean_gradients(ax), memory.micro_adam(0.05, density=0.5, window=2, bucket_size=3)
+        ),
+        "update",
+    ),
+    "fish_mask": Entry(
+        lambda ax: memory.fish_mask(
+            lambda p: memory.fisher_mask(
+                jax.tree_util.tree_map(lambda x: np.arange(x.size).reshape(x.shape) % 3, p), 0.5
+            ),
+            ax,
+        )
+    ),
+    # Schedule-free in an outer loop, multi-momentum, median-gradient SGD, SMEA (issue 16, items 5-8).
+    "outer_loop[schedule_free]": Entry(
+        lambda ax: optdist.outer_loop(
+            optax.sgd(0.1), optax.contrib.schedule_free(optax.sgd(1.0), 1.0, b1=0.9), 2, ax
+        ),
+        "update",
+    ),
+    "multi_momentum": Entry(
+        lambda ax: optax.chain(
+            optdist.mean_gradients(ax),
+            optdist.momentum.scale_by_multi_momentum(2, 0.9, cluster_schedule=lambda t: t % 2),
+        )
+    ),
+    "median_gradients[geometric]": Entry(
+        lambda ax: optdist.robust.median_gradients(ax, "geometric"), nonfinite="robust"
+    ),
+    "running_median": Entry(
+        lambda ax: optax.chain(optdist.mean_gradients(ax), optdist.robust.running_median(1.0))
+    ),
+    "robust_mean[smea]": Entry(
+        lambda ax: optdist.robust_mean(optdist.robust.smea(1), ax), nonfinite="robust"
     ),
 }
 NAMES = sorted(REGISTRY)
