@@ -70,7 +70,23 @@ register(
 def _streaming(quick: bool) -> dict:
     dl = train_digits(_outer_config(quick, "diloco", **{"hparams.diloco.sync_every": H}))
     st = train_digits(_outer_config(quick, "streaming_diloco", **{"hparams.streaming_diloco.sync_every": H}))
+    # also tried (reported, not judged): no overlap (tau=0, alpha=0) and a float32 outer payload, to
+    # see which part costs accuracy
+    plain = train_digits(
+        _outer_config(
+            quick,
+            "streaming_diloco",
+            **{
+                "hparams.streaming_diloco.sync_every": H,
+                "hparams.streaming_diloco.delay": 0,
+                "hparams.streaming_diloco.alpha": 0.0,
+                "hparams.streaming_diloco.outer_dtype": "float32",
+            },
+        )
+    )
     return {
+        "plain_accuracy": plain["final"]["test_accuracy"],
+        "plain_peak": _peak(plain["history"]),
         "diloco_accuracy": dl["final"]["test_accuracy"],
         "streaming_accuracy": st["final"]["test_accuracy"],
         "diloco_peak": _peak(dl["history"]),
@@ -101,7 +117,8 @@ register(
         ),
         ours=lambda m: (
             f"DiLoCo {100 * m['diloco_accuracy']:.1f}%, Streaming {100 * m['streaming_accuracy']:.1f}%; "
-            f"peak per sync {m['streaming_peak']:,} B vs {m['diloco_peak']:,} B"
+            f"peak per sync {m['streaming_peak']:,} B vs {m['diloco_peak']:,} B; also tried 2 fragments "
+            f"without overlap, float32: {100 * m['plain_accuracy']:.1f}%, peak {m['plain_peak']:,} B"
         ),
     )
 )
