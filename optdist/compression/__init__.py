@@ -21,6 +21,7 @@ from optdist.compression.powersgd import PowerSGDState, powersgd
 from optdist.compression.qsgd import qsgd
 from optdist.compression.rand_k import rand_k
 from optdist.compression.sign import sign
+from optdist.compression.sketch import sketch
 from optdist.compression.terngrad import terngrad
 from optdist.compression.threshold_top_k import threshold_top_k
 from optdist.compression.top_k import top_k
@@ -41,6 +42,7 @@ __all__ = [
     "rand_k",
     "scaled_sign",
     "sign",
+    "sketch",
     "summable",
     "terngrad",
     "ternary",
