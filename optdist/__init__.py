@@ -1,6 +1,16 @@
 """optdist: composable optax transforms for distributed, communication-efficient training."""
 
-from optdist import aggregation, comm, decentralized, outer, preconditioning, robust, training, zeroth_order
+from optdist import (
+    aggregation,
+    comm,
+    decentralized,
+    outer,
+    preconditioning,
+    robust,
+    sharing,
+    training,
+    zeroth_order,
+)
 from optdist import compression as compressors
 from optdist.comm import (
     ByteCounter,
@@ -64,6 +74,7 @@ __all__ = [
     "gradient_tracking",
     "zeroth_order",
     "training",
+    "sharing",
     "seeded_spsa",
     "SeededSPSAState",
     "compressors",

@@ -129,25 +129,50 @@ def _names(axis_name: AxisName) -> tuple[str, ...]:
     return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
 
-def _per_arg(in_axes: InAxes, num_args: int) -> tuple[int | None, ...]:
+def _per_arg(in_axes: InAxes, num_args: int) -> tuple[Any, ...]:
     axes = (in_axes,) * num_args if in_axes is None or isinstance(in_axes, int) else tuple(in_axes)
-    if len(axes) != num_args or any(a not in (0, None) for a in axes):
+    flat = jax.tree_util.tree_leaves(axes, is_leaf=lambda x: x is None)
+    if len(axes) != num_args or any(a not in (0, None) for a in flat):
         raise ValueError(
-            f"in_axes must be 0, None, or one 0/None per positional argument ({num_args}); got {in_axes!r}."
+            f"in_axes must be 0, None, or one 0/None (or a tree of them, as for jax.vmap) per "
+            f"positional argument ({num_args}); got {in_axes!r}."
         )
     return axes
+
+
+def _flat_per_arg(in_axes: InAxes, num_args: int) -> tuple[int | None, ...]:
+    axes = _per_arg(in_axes, num_args)
+    if any(ax not in (0, None) for ax in axes):
+        raise ValueError(
+            f"data_parallel takes one 0/None per positional argument, not trees; got {in_axes!r}."
+        )
+    return axes
+
+
+def leaf_axes(prefix: Any, tree: Any) -> list[int | None]:
+    """The 0 / None of every leaf of ``tree`` under a ``vmap``-style ``in_axes`` prefix."""
+    if prefix is None or isinstance(prefix, int):
+        return [prefix] * len(jax.tree_util.tree_leaves(tree))
+    axes, treedef = jax.tree_util.tree_flatten(prefix, is_leaf=lambda x: x is None)
+    return [ax for a, sub in zip(axes, treedef.flatten_up_to(tree)) for ax in leaf_axes(a, sub)]
+
+
+def _map_stacked(fn: Callable[[Any], Any], tree: Any, axes: Any) -> Any:
+    """Applies ``fn`` to the leaves of ``tree`` whose axis is 0."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef.unflatten([fn(x) if ax == 0 else x for x, ax in zip(leaves, leaf_axes(axes, tree))])
 
 
 def _index0(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: x[0], tree)
 
 
-def _num_workers(args: Sequence[Any], axes: Sequence[int | None]) -> int:
+def _num_workers(args: Sequence[Any], axes: Sequence[Any]) -> int:
     sizes = {
         jnp.shape(leaf)[0] if jnp.ndim(leaf) else None
         for arg, ax in zip(args, axes)
-        if ax == 0
-        for leaf in jax.tree_util.tree_leaves(arg)
+        for leaf, leaf_ax in zip(jax.tree_util.tree_leaves(arg), leaf_axes(ax, arg))
+        if leaf_ax == 0
     }
     if not sizes:
         raise ValueError("No argument carries the worker axis: pass at least one with in_axes=0.")
@@ -167,6 +192,7 @@ def simulate(
     *,
     axis_sizes: Sequence[int] | None = None,
     in_axes: InAxes = 0,
+    out_axes: Any = 0,
     jit: bool = True,
 ) -> Callable[..., Any]:
     """Runs ``step`` for ``W`` simulated workers on one device (``vmap`` with an axis name).
@@ -178,11 +204,17 @@ def simulate(
         sizes (row-major, product ``W``) and nested vmaps bind each name.
       axis_sizes: sizes of the axes when ``axis_name`` is a tuple.
       in_axes: 0 (argument carries the worker axis) or None (shared by all
-        workers), for all arguments or one per positional argument.
+        workers), for all arguments or one per positional argument (or a tree of
+        them per argument, as for ``jax.vmap``).
+      out_axes: 0 (outputs stacked ``[W, ...]``) or None (held once: ``vmap``
+        raises if that output differs across workers), or a tree of them as for
+        ``jax.vmap``; :func:`optdist.sharing.shared_layout` computes both trees
+        so that every worker-independent leaf is held once.
       jit: wrap the result in ``jax.jit``.
 
     Returns:
-      A function of the stacked arguments returning stacked outputs ``[W, ...]``.
+      A function of the stacked arguments returning the outputs, stacked ``[W, ...]``
+      where ``out_axes`` is 0.
     """
     names = _names(axis_name)
     if len(names) > 1:
@@ -202,16 +234,13 @@ def simulate(
                 f"axis_sizes={sizes} multiply to {math.prod(sizes)}, but the arguments carry "
                 f"{workers} workers."
             )
-        split = [
-            jax.tree_util.tree_map(lambda x: x.reshape(*sizes, *x.shape[1:]), a) if ax == 0 else a
-            for a, ax in zip(args, axes)
-        ]
+        split = [_map_stacked(lambda x: x.reshape(*sizes, *x.shape[1:]), a, ax) for a, ax in zip(args, axes)]
         fn = step
         for name in reversed(names):
-            fn = jax.vmap(fn, in_axes=axes, axis_name=name)
+            fn = jax.vmap(fn, in_axes=axes, out_axes=out_axes, axis_name=name)
         with simulated_axes(names):
             out = fn(*split)
-        return jax.tree_util.tree_map(lambda x: x.reshape(workers, *x.shape[len(sizes) :]), out)
+        return _map_stacked(lambda x: x.reshape(workers, *x.shape[len(sizes) :]), out, out_axes)
 
     return jax.jit(run) if jit else run
 
@@ -273,7 +302,7 @@ def data_parallel(
     sim = f"{inner}_sim"
 
     def run(*args):
-        axes = _per_arg(in_axes, len(args))
+        axes = _flat_per_arg(in_axes, len(args))
         workers = _num_workers(args, axes)
         per_device = workers // devices
         specs = tuple(worker_spec if ax == 0 else P() for ax in axes)
@@ -291,7 +320,7 @@ def data_parallel(
     jitted = jax.jit(run)
 
     def call(*args):
-        axes = _per_arg(in_axes, len(args))
+        axes = _flat_per_arg(in_axes, len(args))
         workers = _num_workers(args, axes)
         if workers % devices:
             raise ValueError(

@@ -5,7 +5,10 @@ optimizer update of the same model) on the same device, side by side in one
 run; the ratio is the cost of simulating N workers (per-worker optimizer
 state and updates, the mean's collective lowered to a reduction).
 
-  python -m experiments.benchmarks.simulate_overhead [--workers 8] [--batch 16] [--out results.json]
+  python -m experiments.benchmarks.simulate_overhead [--workers 1,8,64] [--batch 16] [--out results.json]
+
+Two simulated forms side by side: today's stacked run (every leaf ``[W, ...]``) and the shared run of
+:mod:`optdist.sharing` (parameters and Adam state held once; gradients still per worker).
 
 Timing: the best of 3 samples, each the mean of ``--repeats`` back-to-back calls, after a warm-up
 (:mod:`.timing`, ``number=repeats, reduce="min"``); the JSON is rewritten after every row.
@@ -23,6 +26,8 @@ import optdist
 from experiments import models
 from experiments.benchmarks.report import Progress, Results, print_rows
 from experiments.benchmarks.timing import describe, machine, seconds_per_call
+from optdist import sharing
+from optdist.execution import leaf_axes
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -58,28 +63,37 @@ def measure(model: str, workers: int, batch: int, steps: int, repeats: int) -> d
         return chunk
 
     sim_tx = optax.chain(optdist.mean_gradients("data"), optax.adam(1e-3))
-    sim = optdist.simulate(make_chunk(sim_tx), "data")
+    chunk = make_chunk(sim_tx)
     sim_args = (
         *optdist.replicate((params, sim_tx.init(params)), workers),
         optdist.shard_batch(data, workers),
     )
+    # The shared path: parameters and Adam state held once (optdist.sharing), gradients per worker.
+    layout = sharing.shared_layout(chunk, *sim_args, axis_name="data", carry={0: 0, 1: 1})
+    shared = optdist.simulate(chunk, "data", in_axes=layout.in_axes, out_axes=layout.out_axes)
+    shared_args = (*sharing.compact(sim_args[:2], layout.in_axes[:2]), sim_args[2])
     one_tx = optax.adam(1e-3)
     one = jax.jit(make_chunk(one_tx))
-    t_sim = _time(sim, *sim_args, repeats=repeats) / steps
+    t_sim = _time(optdist.simulate(chunk, "data"), *sim_args, repeats=repeats) / steps
+    t_shared = _time(shared, *shared_args, repeats=repeats) / steps
     t_one = _time(one, params, one_tx.init(params), data, repeats=repeats) / steps
     return {
         "model": model,
         "workers": workers,
         "batch_per_worker": batch,
         "simulated_step_ms": 1e3 * t_sim,
+        "shared_step_ms": 1e3 * t_shared,
         "single_big_batch_step_ms": 1e3 * t_one,
         "ratio": t_sim / t_one,
+        "shared_ratio": t_shared / t_one,
+        "shared_leaves": sum(ax is None for ax in leaf_axes(layout.in_axes[:2], sim_args[:2])),
+        "leaves": len(jax.tree_util.tree_leaves(sim_args[:2])),
     }
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--workers", default="8", help="comma-separated worker counts, e.g. 1,2,4,8,16,32,64")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
@@ -88,17 +102,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     info = machine()
     results = Results(args.out, "simulate_overhead", info, vars(args))
-    names = args.models.split(",")
-    progress = Progress(len(names))
-    for name in names:
-        results.add(measure(name, args.workers, args.batch, args.steps, args.repeats))
-        progress.step(name)
+    runs = [(m, int(w)) for m in args.models.split(",") for w in args.workers.split(",")]
+    progress = Progress(len(runs))
+    for name, workers in runs:
+        results.add(measure(name, workers, args.batch, args.steps, args.repeats))
+        progress.step(f"{name} W={workers}")
     columns = [
         ("model", "model", "<12"),
         ("workers", "workers", ">8"),
         ("sim ms/step", "simulated_step_ms", ">13.3f"),
+        ("shared ms/step", "shared_step_ms", ">15.3f"),
         ("1x big ms/step", "single_big_batch_step_ms", ">16.3f"),
         ("ratio", "ratio", ">8.2f"),
+        ("shared ratio", "shared_ratio", ">13.2f"),
     ]
     print_rows(f"device: {describe(info)}", results.rows, columns)
     return results.finish()
