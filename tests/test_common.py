@@ -18,8 +18,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 import optdist
+import optdist.jacobian
+import optdist.minmax
 import optdist.momentum
-from optdist import aggregators, attacks, compressors, memory
+import optdist.stragglers
+from optdist import aggregators, attacks, compressors, memory, privacy
 from tests.helpers import assert_trees_close, linear_loss, linear_problem
 
 WORKERS = 4
@@ -36,6 +39,12 @@ class Entry:
 
 
 REGISTRY = {
+    # Variational inequalities (optdist.minmax): gradient descent on a minimization is a monotone VI.
+    "past_extragradient": Entry(lambda ax: optdist.minmax.past_extragradient(0.05, ax), "update"),
+    "optimistic_gradient": Entry(lambda ax: optdist.minmax.optimistic_gradient(0.05, ax), "update"),
+    "reflected_gradient": Entry(lambda ax: optdist.minmax.reflected_gradient(0.05, ax), "update"),
+    "masha1": Entry(lambda ax: optdist.minmax.masha1(0.05, compressors.rand_k(0.5), ax, tau=0.5), "update"),
+    "masha2": Entry(lambda ax: optdist.minmax.masha2(0.05, compressors.top_k(0.3), ax, tau=0.5), "update"),
     "mean_gradients": Entry(lambda ax: optdist.mean_gradients(ax)),
     "local_sgd": Entry(lambda ax: optdist.local_sgd(optax.sgd(0.1), 2, ax), "update"),
     "diloco": Entry(lambda ax: optdist.diloco(0.01, sync_every=2, axis_name=ax), "update"),
@@ -120,6 +129,10 @@ REGISTRY = {
         "update",
     ),
     # Memory-light and private methods (issue 16).
+    "compressed_mean[sketch]": Entry(
+        lambda ax: optdist.compressed_mean(compressors.sketch(0.5, block_size=4), ax)
+    ),
+    "dp_diff_mean": Entry(lambda ax: privacy.dp_diff_mean(10.0, 0.01, 2, ax, diff_clip_norm=1.0)),
     "micro_adam": Entry(
         lambda ax: optax.chain(
             optdist.mean_gradients(ax), memory.micro_adam(0.05, density=0.5, window=2, bucket_size=3)
@@ -155,6 +168,15 @@ REGISTRY = {
     ),
     "robust_mean[smea]": Entry(
         lambda ax: optdist.robust_mean(optdist.robust.smea(1), ax), nonfinite="robust"
+    ),
+    "robust_mean[upgrad]": Entry(lambda ax: optdist.robust_mean(optdist.jacobian.upgrad(), ax)),
+    "backup_mean": Entry(
+        lambda ax: optdist.stragglers.backup_mean_gradients(1, ax, optdist.stragglers.clock.pareto(1.0, 2.0))
+    ),
+    "dynamic_backup_mean": Entry(
+        lambda ax: optdist.stragglers.dynamic_backup_mean_gradients(
+            ax, WORKERS, optdist.stragglers.clock.shifted_exponential(1.0, 0.5), 0.1, initial_backup=1
+        )
     ),
 }
 NAMES = sorted(REGISTRY)

@@ -51,6 +51,7 @@ from jax.sharding import PartitionSpec as P
 
 import optdist
 import optdist.momentum
+import optdist.minmax
 from optdist import compressors, memory
 from tests.helpers import linear_loss, linear_problem
 from tests.test_common import NAMES, REGISTRY, WORKERS
@@ -268,6 +269,18 @@ SGD_M = lambda lr=1e-3: optax.sgd(lr, momentum=0.9)  # noqa: E731
 # keep their method and structure (sync period, fragments, compressor) with a step size that
 # converges. Measured on this file's targets, 4 workers, float32 (max error over the targets):
 CONVERGE_OVERRIDES = {
+    # Local SGD(0.1) diverges on Rosenbrock: momentum SGD 1e-3 inside, schedule-free SGD(1.0) outside.
+    "outer_loop[schedule_free]": (
+        lambda ax: optdist.outer_loop(
+            SGD_M(), optax.contrib.schedule_free(optax.sgd(1.0), 1.0, b1=0.9), 2, ax
+        ),
+        CONVERGE_STEPS,
+    ),
+    # multi-momentum is already a momentum: plain SGD after it (SGD_M's second momentum diverges).
+    "multi_momentum": (
+        lambda ax: optax.chain(REGISTRY["multi_momentum"].make(ax), optax.sgd(1e-3)),
+        CONVERGE_STEPS,
+    ),
     # A fixed mask freezes the off-mask coordinates, so the targets' minimisers are reached only with
     # the full mask (same transform and wire format, every entry kept).
     "fish_mask": (
@@ -420,8 +433,16 @@ def _alternate(step):  # multi_momentum's cluster id: the two clusters in turn
 
 def _inject_cases():
     """name -> (factory, kwargs as in REGISTRY, the learning-rate arguments to inject)."""
+    minmax = optdist.minmax
+    vi_kw = dict(learning_rate=0.05, axis_name=AXIS)
+    masha_kw = lambda c: dict(vi_kw, compressor=c, tau=0.5)  # noqa: E731
     shampoo_kw = dict(learning_rate=0.1, block_size=4, precondition_every=2, matrix_epsilon=1e-2)
     return {
+        "past_extragradient": (minmax.past_extragradient, vi_kw, ("learning_rate",)),
+        "optimistic_gradient": (minmax.optimistic_gradient, vi_kw, ("learning_rate",)),
+        "reflected_gradient": (minmax.reflected_gradient, vi_kw, ("learning_rate",)),
+        "masha1": (minmax.masha1, masha_kw(compressors.rand_k(0.5)), ("learning_rate",)),
+        "masha2": (minmax.masha2, masha_kw(compressors.top_k(0.3)), ("learning_rate",)),
         "diloco": (
             optdist.diloco, dict(inner_lr=0.01, sync_every=2, axis_name=AXIS), ("inner_lr", "outer_lr")
         ),
@@ -462,6 +483,10 @@ INJECT_EXCLUDED = {
     "robust_mean[mean]": _NO_LR,
     "robust_mean[trimmed_mean]": _NO_LR,
     "robust_mean[centered_clip+nnm]": _NO_LR,
+    "robust_mean[upgrad]": _NO_LR,
+    "backup_mean": _NO_LR,
+    "dynamic_backup_mean": "learning_rate is the SGD step DBW's gain model assumes, not a step it applies: "
+    "the step size lives in a chained optax optimizer",
     "byzantine[alie]+median": _NO_LR,
     "gossip[ring]": _NO_LR,
     "gossip[choco+top_k]": _NO_LR,

@@ -35,6 +35,8 @@ STEPS = 2
 # Gated transforms: the two audited steps must include a step whose gate opens and one whose gate stays
 # shut (the branch each device took is read from the tagged program).
 GATED = {
+    "masha1",  # the full refresh all-reduce runs only on refresh calls
+    "masha2",
     "local_sgd",
     "diloco",
     "streaming_diloco",
@@ -46,6 +48,7 @@ GATED = {
     "delayed_nesterov",
     "shampoo",
     "shampoo[distributed roots]",
+    "outer_loop[schedule_free]",
 }
 SHAMPOO = {"shampoo", "shampoo[distributed roots]"}
 
