@@ -45,6 +45,7 @@ def median_gradients(
     axis_name: AxisName,
     kind: str = "coordinate",
     *,
+    tau: float = 1.0,
     eps: float = 1e-8,
     max_iters: int = 100,
     tol: float = 1e-6,
@@ -55,6 +56,13 @@ def median_gradients(
        \text{coordinate-wise (``kind="coordinate"``) or } \arg\min_v \sum_i \|v - g_i\|
        \text{ (``kind="geometric"``, smoothed Weiszfeld)}.
 
+    ``kind="proximal"`` is the paper's stochastic-proximal-point estimate of the geometric median,
+    one step per call from the previous estimate :math:`v` (identical on every worker):
+    :math:`v \leftarrow v + \frac1n \sum_i \operatorname{clip}_\tau(g_i - v)`
+    (:func:`optdist.aggregators.clipped_mean` with ``center="previous"``). Its fixed points with
+    every :math:`\|g_i - v\| > \tau` satisfy :math:`\sum_i (g_i - v)/\|g_i - v\| = 0`, the geometric
+    median's optimality condition; one clipping step per call costs no iterations.
+
     Chain an optimizer after it: ``optax.chain(median_gradients("data"), optax.sgd(lr))`` is the
     paper's sample-median SGD with one sample per worker. The paper shows it converges under
     heavy-tailed, state-dependent noise (e.g. Cauchy) where mean-SGD does not.
@@ -62,14 +70,16 @@ def median_gradients(
     Bytes: one all-gather of the flattened gradient, ``(n - 1) d s`` per worker (as
     :func:`optdist.robust_mean`).
 
-    State: that of :func:`optdist.robust_mean` (a byte counter; identical on every worker).
+    State: that of :func:`optdist.robust_mean` (a byte counter, and for ``"proximal"`` the previous
+    estimate; identical on every worker).
 
     Non-finite policy: the rule's (finite while fewer than half the workers are non-finite).
 
     Args:
       axis_name: worker axis (str or tuple of str), or None for one worker.
-      kind: ``"coordinate"`` (:func:`optdist.aggregators.median`) or ``"geometric"``
-        (:func:`optdist.aggregators.geometric_median`).
+      kind: ``"coordinate"`` (:func:`optdist.aggregators.median`), ``"geometric"``
+        (:func:`optdist.aggregators.geometric_median`) or ``"proximal"`` (one SPP step per call).
+      tau: the proximal step (clipping radius) of ``kind="proximal"``, ``> 0``.
       eps, max_iters, tol: the geometric median's smoothing, iteration cap and tolerance.
 
     Returns:
@@ -87,8 +97,10 @@ def median_gradients(
         rule = aggregators.median()
     elif kind == "geometric":
         rule = aggregators.geometric_median(eps=eps, max_iters=max_iters, tol=tol)
+    elif kind == "proximal":
+        rule = aggregators.clipped_mean(tau, center="previous")
     else:
-        raise ValueError(f"kind must be 'coordinate' or 'geometric'; got {kind!r}.")
+        raise ValueError(f"kind must be 'coordinate', 'geometric' or 'proximal'; got {kind!r}.")
     return robust_mean(rule, axis_name)
 
 
