@@ -63,10 +63,11 @@ def smea(f: int, max_subsets: int = MAX_SUBSETS) -> Rule:
     :math:`\binom{n}{f}` subsets at ``O((n - f)^3)`` each (batched ``eigh``): exponential in ``f``,
     meant for small ``n``. Above ``max_subsets`` subsets it raises (at trace time, naming the count).
 
-    The paper's guarantee (an error of order :math:`\frac{f}{n}\lambda_{\max}` of the honest
-    covariance, which with local DP noise :math:`\sigma^2 I` amortizes the noise over the
-    dimension instead of paying :math:`\sigma^2 d` as coordinate-wise rules and Krum do) holds for
-    ``n > 2f``; that limit is checked at trace time. ``f = 0`` is the mean.
+    The paper's guarantee: the squared error to the honest mean is of order
+    :math:`\frac{f}{n}\lambda_{\max}` of the honest inputs' covariance (the top eigenvalue, not
+    the trace: with isotropic local DP noise :math:`\sigma^2 I` the noise enters through
+    :math:`\lambda_{\max}` rather than :math:`\sigma^2 d` as for coordinate-wise rules and Krum),
+    for ``n > 2f``; that limit is checked at trace time. ``f = 0`` is the mean.
 
     Non-finite policy: a subset containing a row with NaN/Inf has eigenvalue ``+inf`` and is
     never chosen while at most ``f`` rows are non-finite (the output is then finite).
