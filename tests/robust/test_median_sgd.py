@@ -142,6 +142,8 @@ def test_bad_options_are_named():
         running_median(1.0, center="mean")
     with pytest.raises(ValueError, match="kind"):
         median_gradients("data", "trimmed")
+    with pytest.raises(ValueError, match="tau"):
+        median_gradients("data", "proximal", tau=0.0)
 
 
 # ---------------------------------------------------------------------------------- Cauchy noise
