@@ -28,6 +28,7 @@ import ml_collections
 import optax
 
 import optdist
+import optdist.stragglers
 from optdist import memory
 
 FEEDBACK = ("none", "ef", "ef21", "econtrol")
@@ -687,6 +688,60 @@ def _muloco(config, o, axis_name):
         outer_lr=o.outer_lr,
         outer_momentum=o.outer_momentum,
     )
+
+
+# --------------------------------------------------------------------------- #
+# Stragglers on a simulated clock (issue 17): backup workers, static and DBW.
+
+STRAGGLER_CLOCK = {
+    "delays": "pareto",  # exponential, shifted_exponential, pareto or lognormal
+    "delay_a": 1.0,  # exponential: mean; shifted_exponential: shift; pareto: scale; lognormal: mu
+    "delay_b": 1.5,  # shifted_exponential: mean; pareto: alpha; lognormal: sigma (unused: exponential)
+    "clock_seed": 0,
+}
+
+
+def _delay_model(o):
+    c = optdist.stragglers.clock
+    makers = {
+        "exponential": lambda: c.exponential(o.delay_a),
+        "shifted_exponential": lambda: c.shifted_exponential(o.delay_a, o.delay_b),
+        "pareto": lambda: c.pareto(o.delay_a, o.delay_b),
+        "lognormal": lambda: c.lognormal(o.delay_a, o.delay_b),
+    }
+    if o.delays not in makers:
+        raise ValueError(f"delays={o.delays!r}: choose one of {sorted(makers)}.")
+    return makers[o.delays]()
+
+
+@register(
+    "backup",
+    {**STRAGGLER_CLOCK, "num_backup": 2},
+    description="mean of the n - num_backup fastest workers on a simulated clock, then the optimizer",
+)
+def _backup(config, o, axis_name):
+    tx = optdist.stragglers.backup_mean_gradients(o.num_backup, axis_name, _delay_model(o), o.clock_seed)
+    return optax.chain(tx, base_optimizer(config))
+
+
+@register(
+    "dbw",
+    {**STRAGGLER_CLOCK, "initial_backup": 2, "smoothness": 0.0, "decay": 0.9},
+    description="DBW: backup workers chosen online (gain model at the config's learning rate; "
+    "smoothness 0 = estimated online), then the optimizer",
+)
+def _dbw(config, o, axis_name):
+    tx = optdist.stragglers.dynamic_backup_mean_gradients(
+        axis_name,
+        config.num_workers,
+        _delay_model(o),
+        config.learning_rate,
+        seed=o.clock_seed,
+        smoothness=o.smoothness or None,
+        decay=o.decay,
+        initial_backup=o.initial_backup,
+    )
+    return optax.chain(tx, base_optimizer(config))
 
 
 def build(config, axis_name: str = "data", prefix: str = "config") -> optax.GradientTransformation:

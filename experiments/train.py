@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optdist
+import optdist.stragglers
 from experiments import data as data_lib
 from experiments import methods, models, plotting
 from experiments.checkpointing import Checkpointer
@@ -452,6 +453,9 @@ def train_and_evaluate(
             "skipped_steps": _skipped(counters),
             "wall_time": elapsed,
         }
+        simulated = optdist.stragglers.simulated_time(counters)  # straggler methods' simulated clock
+        if simulated is not None:
+            record["simulated_time"] = simulated
         if task.is_lm:
             record["test_perplexity"] = float(np.exp(record["test_loss"]))
         history.append(record)

@@ -8,6 +8,7 @@ round-trip, and a named error under an unbound axis.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -42,7 +43,6 @@ REGISTRY = {
     # Variational inequalities (optdist.minmax): gradient descent on a minimization is a monotone VI.
     "past_extragradient": Entry(lambda ax: optdist.minmax.past_extragradient(0.05, ax), "update"),
     "optimistic_gradient": Entry(lambda ax: optdist.minmax.optimistic_gradient(0.05, ax), "update"),
-    "reflected_gradient": Entry(lambda ax: optdist.minmax.reflected_gradient(0.05, ax), "update"),
     "masha1": Entry(lambda ax: optdist.minmax.masha1(0.05, compressors.rand_k(0.5), ax, tau=0.5), "update"),
     "masha2": Entry(lambda ax: optdist.minmax.masha2(0.05, compressors.top_k(0.3), ax, tau=0.5), "update"),
     "mean_gradients": Entry(lambda ax: optdist.mean_gradients(ax)),
@@ -221,12 +221,19 @@ def problem():
     return linear_problem(num_examples=32)
 
 
+@functools.cache
+def simulated(name):
+    """Three simulated steps of ``full_tx(name)``: one compiled run shared by the tests below
+    (tests/conftest.py keeps one name's tests on one xdist worker)."""
+    params, data = linear_problem(num_examples=32)
+    return run_steps(full_tx(name), params, data)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_scan_keeps_state_structure_shapes_and_dtypes(problem, name):
     params, data = problem
-    tx = full_tx(name)
-    params_w, state_w = run_steps(tx, params, data)
-    init_w = optdist.replicate(tx.init(params), WORKERS)
+    params_w, state_w = simulated(name)
+    init_w = optdist.replicate(full_tx(name).init(params), WORKERS)
     spec = lambda t: jax.tree_util.tree_map(lambda x: (jnp.shape(x), jnp.result_type(x)), t)  # noqa: E731
     assert spec(state_w) == spec(init_w)
     assert jax.tree_util.tree_structure(state_w) == jax.tree_util.tree_structure(init_w)
@@ -245,7 +252,7 @@ def test_three_execution_modes_agree(problem, name):
     params, data = problem
     tx = full_tx(name)
     mesh = jax.make_mesh((WORKERS,), ("data",), devices=jax.devices()[:WORKERS])
-    sim = run_steps(tx, params, data)
+    sim = simulated(name)
     dp = run_steps(tx, params, data, runner=lambda f: optdist.data_parallel(f, mesh, "data"))
     pm = run_steps(tx, params, data, runner=lambda f: jax.pmap(f, axis_name="data"))
     assert_trees_close(dp, sim, rtol=1e-5, atol=1e-6)
@@ -271,8 +278,7 @@ def test_nonfinite_on_one_worker_is_skipped_on_every_worker(problem, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_checkpoint_round_trip(problem, name, tmp_path):
-    params, data = problem
-    _, state_w = run_steps(full_tx(name), params, data, steps=2)
+    _, state_w = simulated(name)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(tmp_path / "state", state_w)
         ckpt.wait_until_finished()

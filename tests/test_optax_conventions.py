@@ -269,6 +269,12 @@ SGD_M = lambda lr=1e-3: optax.sgd(lr, momentum=0.9)  # noqa: E731
 # keep their method and structure (sync period, fragments, compressor) with a step size that
 # converges. Measured on this file's targets, 4 workers, float32 (max error over the targets):
 CONVERGE_OVERRIDES = {
+    # Single-call extragradient and MASHA: the registry's 0.05 diverges on Rosenbrock (curvature ~1000 at
+    # the minimum; optimistic gradient is stable for step x curvature < 2/3): the largest stable steps.
+    "past_extragradient": (lambda ax: optdist.minmax.past_extragradient(6e-4, ax), 8000),
+    "optimistic_gradient": (lambda ax: optdist.minmax.optimistic_gradient(6e-4, ax), 8000),
+    "masha1": (lambda ax: optdist.minmax.masha1(1e-3, compressors.rand_k(0.5), ax, tau=0.5), 8000),
+    "masha2": (lambda ax: optdist.minmax.masha2(1e-3, compressors.top_k(0.3), ax, tau=0.5), 8000),
     # Local SGD(0.1) diverges on Rosenbrock: momentum SGD 1e-3 inside, schedule-free SGD(1.0) outside.
     "outer_loop[schedule_free]": (
         lambda ax: optdist.outer_loop(
@@ -370,6 +376,14 @@ CONVERGE_OVERRIDES = {
 # Targets a transform does not reach within optax's tolerance, with the reason; the test still bounds
 # their error (CONVERGE_BOUND) and asserts the other targets.
 CONVERGE_TARGETS_EXCLUDED = {
+    **{
+        name: {
+            "rosenbrock": "first order at the largest stable constant step (no momentum) creeps along the "
+            "valley like gradient descent: max error 0.064 after 8000 steps (6e-4), MASHA 0.13 after 8000 "
+            "calls (1e-3); measured on 4 workers, float32"
+        }
+        for name in ("past_extragradient", "optimistic_gradient", "masha1", "masha2")
+    },
     "micro_adam": {
         "rosenbrock": "top-1 of the 2-entry leaf per step with a 2-gradient window moves one coordinate at a "
         "time along the curved valley: max error 0.11 after 8000 steps (lr 0.01 decayed to 1e-4)"
@@ -440,7 +454,6 @@ def _inject_cases():
     return {
         "past_extragradient": (minmax.past_extragradient, vi_kw, ("learning_rate",)),
         "optimistic_gradient": (minmax.optimistic_gradient, vi_kw, ("learning_rate",)),
-        "reflected_gradient": (minmax.reflected_gradient, vi_kw, ("learning_rate",)),
         "masha1": (minmax.masha1, masha_kw(compressors.rand_k(0.5)), ("learning_rate",)),
         "masha2": (minmax.masha2, masha_kw(compressors.top_k(0.3)), ("learning_rate",)),
         "diloco": (
@@ -493,6 +506,7 @@ INJECT_EXCLUDED = {
     "gradient_tracking": _NO_LR,
     "powersgd": _NO_LR,
     "fish_mask": _NO_LR,
+    "dp_diff_mean": _NO_LR,
     "outer_loop[schedule_free]": "the inner and outer optimizers are optax transform arguments "
     "(schedule_free's learning rate belongs to the optax factory)",
     "median_gradients[geometric]": _NO_LR,

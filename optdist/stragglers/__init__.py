@@ -5,18 +5,23 @@ from optdist.stragglers.backup import (
     BackupState,
     DynamicBackupState,
     backup_mean,
+    backup_mean_gradients,
     dbw_choice,
     dynamic_backup_mean,
+    dynamic_backup_mean_gradients,
 )
-from optdist.stragglers.clock import DelayModel
+from optdist.stragglers.clock import DelayModel, simulated_time
 
 __all__ = [
     "BackupState",
     "DelayModel",
     "DynamicBackupState",
     "backup_mean",
+    "backup_mean_gradients",
     "clock",
     "dbw_choice",
     "dynamic_backup_mean",
+    "dynamic_backup_mean_gradients",
     "gradient_coding",
+    "simulated_time",
 ]

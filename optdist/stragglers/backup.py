@@ -25,9 +25,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from optdist import _checks
-from optdist.comm.aggregation import Aggregator, exact_mean
+from optdist.comm.aggregation import Aggregator, as_transform, exact_mean
+from optdist.comm.axes import AxisName
 from optdist.stragglers import clock
 
 
@@ -301,3 +303,30 @@ def dynamic_backup_mean(
         return estimate, new
 
     return Aggregator(init, aggregate, f"dynamic_backup_mean({delays.name})")
+
+
+def backup_mean_gradients(
+    b: int, axis_name: AxisName, delays: clock.DelayModel, seed: int = 0
+) -> optax.GradientTransformationExtraArgs:
+    """:func:`backup_mean` as a gradient transformation over ``axis_name`` (state:
+    :class:`~optdist.comm.AggregationState` holding a :class:`BackupState` and the byte counter).
+
+    Example::
+
+      tx = optax.chain(backup_mean_gradients(2, "data", clock.shifted_exponential(1.0, 0.5)),
+                       optax.sgd(0.1))
+    """
+    agg = backup_mean(b, delays, seed)
+    return as_transform(agg, axis_name, check=lambda u: _checks.check_floating(u, "backup_mean_gradients"))
+
+
+def dynamic_backup_mean_gradients(
+    axis_name: AxisName, num_workers: int, delays: clock.DelayModel, learning_rate: float, **options: Any
+) -> optax.GradientTransformationExtraArgs:
+    """:func:`dynamic_backup_mean` (DBW) as a gradient transformation over ``axis_name``; ``options``
+    are its ``seed``, ``smoothness``, ``decay`` and ``initial_backup``. ``learning_rate`` is the SGD
+    step DBW's gain model assumes (chain the same step after it)."""
+    agg = dynamic_backup_mean(num_workers, delays, learning_rate, **options)
+    return as_transform(
+        agg, axis_name, check=lambda u: _checks.check_floating(u, "dynamic_backup_mean_gradients")
+    )

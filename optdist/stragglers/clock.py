@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optdist import _checks
 
@@ -138,3 +139,20 @@ def fastest_mask(times: jax.Array, k: Any) -> jax.Array:
 def kth_fastest(times: jax.Array, k: Any) -> jax.Array:
     """The ``k``-th smallest time (1-based): the step's wall time when the server waits for ``k``."""
     return jnp.sort(times)[jnp.asarray(k, jnp.int32) - 1]
+
+
+def simulated_time(state: Any) -> float | None:
+    """The simulated wall time (seconds) recorded in ``state`` by the straggler aggregators
+    (:class:`~optdist.stragglers.backup.BackupState`, ``DynamicBackupState``,
+    :class:`~optdist.stragglers.gradient_coding.CodedMeanState`): the largest over the states found and
+    over workers (they agree), or None when ``state`` holds none. Host-side (reads the values)."""
+    from optdist.stragglers.backup import BackupState, DynamicBackupState
+    from optdist.stragglers.gradient_coding import CodedMeanState
+
+    kinds = (BackupState, DynamicBackupState, CodedMeanState)
+    found = [
+        float(np.max(np.asarray(x.wall_time)))
+        for x in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, kinds))
+        if isinstance(x, kinds)
+    ]
+    return max(found) if found else None
