@@ -18,3 +18,29 @@ import jax  # noqa: E402
 
 if not ON_ACCELERATOR:
     assert jax.device_count() == 8, "tests need 8 CPU devices: JAX was initialised before conftest ran"
+
+
+import pytest  # noqa: E402
+
+# Suites parametrized over tests/test_common.py's REGISTRY share one compiled run per transform
+# (functools.cache): keep one transform's tests of one module on one xdist worker.
+_PER_TRANSFORM_MODULES = {
+    "tests.test_common",
+    "tests.test_optax_conventions",
+    "tests.test_validation",
+    "tests.comm.test_byte_audit",
+}
+
+
+def pytest_configure(config):
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        module = getattr(item.module, "__name__", "")
+        if module in _PER_TRANSFORM_MODULES and isinstance(params.get("name"), str):
+            item.add_marker(pytest.mark.xdist_group(f"{module}:{params['name']}"))
