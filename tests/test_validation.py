@@ -16,12 +16,22 @@ import pytest
 
 import optdist
 from optdist import aggregators, attacks, memory
+from optdist import minmax
 from tests.test_common import NAMES, REGISTRY
 
 SGD = optax.sgd(0.1)
 
 # (public name, call with a bad value, the parameter the message must name)
 BAD = [
+    ("extragradient", lambda: minmax.extragradient(0.0), "learning_rate"),
+    ("extragradient", lambda: minmax.extragradient(0.1, projection="box"), "projection"),
+    ("past_extragradient", lambda: minmax.past_extragradient(-1.0), "learning_rate"),
+    ("optimistic_gradient", lambda: minmax.optimistic_gradient(0.1, aggregator=3), "aggregator"),
+    ("reflected_gradient", lambda: minmax.reflected_gradient(0.1, projection=1), "projection"),
+    ("masha1", lambda: minmax.masha1(0.1, optdist.compressors.rand_k(0.1), tau=1.5), "tau"),
+    ("masha2", lambda: minmax.masha2(0.1, "top_k", tau=0.5), "compressor"),
+    ("local_gda", lambda: minmax.local_gda(-0.1, 4), "learning_rate"),
+    ("minmax_operator", lambda: minmax.minmax_operator(None), "loss_fn"),
     ("mean_gradients", lambda: optdist.mean_gradients(3), "axis_name"),
     ("mean_gradients", lambda: optdist.mean_gradients(("a", "a")), "axis_name"),
     ("skip_nonfinite", lambda: optdist.skip_nonfinite(lambda g: g), "inner"),
