@@ -17,6 +17,8 @@ _NOISE_STREAM = 0x5EED  # folded into the key for the per-worker noise (distinct
 def sketch_shape(size: int, ratio: float, block_size: int) -> tuple[int, int, int]:
     """``(blocks, block, rows)``: a leaf of ``size`` entries in ``blocks`` blocks of ``block`` entries
     (the last zero-padded), each projected to ``rows = ceil(ratio * block)`` values."""
+    if size == 0:  # an empty leaf (only sized, never sent)
+        return 0, 1, 0
     block = min(block_size, size)
     blocks = -(-size // block)
     return blocks, block, num_kept(ratio, block)
