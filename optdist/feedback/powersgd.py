@@ -20,6 +20,7 @@ def powersgd(
     seed: int = 0,
     matrix_layout: str = "channels_last",
     impl: str = "auto",
+    orthogonalize_q: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""PowerSGD (rank ``r``) with its error feedback, replacing gradients by the decoded mean.
 
@@ -30,11 +31,20 @@ def powersgd(
     (``Q`` shared, ``e_i`` per worker) and :func:`optdist.compressed_mean` for
     the non-finite policy.
 
-    The error feedback is fused per batch of same-shaped matrices: :math:`M_i = g_i + e_i` with
-    the projection :math:`M_i Q` in one pass, and the decoded :math:`\bar M` with the residual
-    :math:`M_i - \bar M` in one pass (the compressor's ``aggregate_ef``); ``impl`` picks the
-    Pallas kernels or their XLA references for those passes. ``"auto"`` runs XLA until a GPU
+    The warm-started ``Q`` is re-orthogonalized before :math:`P = M Q`, as PyTorch's hook does
+    (``orthogonalize_q=True``; False is the paper's form, the same in exact arithmetic but
+    ``cond(M)^2`` instead of ``cond(M)`` in float32).
+
+    The error feedback is fused (the compressor's ``aggregate_ef``): on the XLA path per matrix,
+    :math:`M_i = g_i + e_i` written once and read in place by both products, the decoded
+    :math:`\bar M` fused into the output and residual writes; ``impl="pallas"`` runs the same
+    steps as Pallas kernels per batch of same-shaped matrices. ``"auto"`` runs XLA until a GPU
     measurement lists the kernels in :data:`optdist_kernels.AUTO_BACKENDS`.
+
+    Residuals: :math:`e_i - \bar e = \sum_t (g_{i,t} - \bar g_t)` exactly (only the mean is
+    compressed), so each worker's residual grows like :math:`\sqrt t` under i.i.d. gradient noise
+    while the mean residual :math:`\bar e` stays bounded (numbers in
+    :func:`optdist.compression.powersgd`); this is inherent to the protocol, not drift.
 
     Args:
       rank: target rank ``r >= 1``.
@@ -43,6 +53,8 @@ def powersgd(
         :func:`optdist.compression.powersgd`.
       impl: ``"auto"``, ``"pallas"`` or ``"xla"``: how the fused error-feedback steps and
         Gram–Schmidt run (see :func:`optdist.compression.powersgd`).
+      orthogonalize_q: re-orthogonalize the warm-started ``Q`` each step (PyTorch's hook, default)
+        or not (the paper's Algorithm 1); see :func:`optdist.compression.powersgd`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -64,5 +76,6 @@ def powersgd(
         seed=seed,
         matrix_layout=matrix_layout,
         impl=impl,
+        orthogonalize_q=orthogonalize_q,
     )
     return compressed_mean(compressor, axis_name, feedback="ef", seed=seed)
