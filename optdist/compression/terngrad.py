@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from optdist import _checks
 from optdist.compression.base import Compressor, gathered, pack_bits, unpack_bits
 from optdist.compression.bucketed import check_bucket_size, check_rounding, fused_quantizer
+from optdist.compression.qsgd import check_rng, uniform
 
 
 def terngrad(
@@ -15,6 +16,7 @@ def terngrad(
     bucket_size: int | None = None,
     rounding: str = "stochastic",
     impl: str = "auto",
+    rng: str = "hash",
 ) -> Compressor:
     r"""TernGrad: ``s * sign(x) * b`` with ``b ~ Bernoulli(|x| / s)``, per leaf or per bucket.
 
@@ -27,8 +29,9 @@ def terngrad(
     nothing is clipped, e.g. ``clip_sigma=None``). ``rounding="nearest"`` sends
     :math:`b_j = [|\tilde x_j| \ge s/2]` instead (deterministic; use with error feedback).
 
-    ``bucket_size=None``: one scale per leaf; the Bernoulli draws use ``jax.random`` with a key
-    that differs per worker. Payload per leaf (gathered): one float32 scale, and two bit-planes
+    ``bucket_size=None``: one scale per leaf; the Bernoulli draws come from a counter-based hash of
+    (a key that differs per worker, element index) (:func:`optdist.compression.qsgd.uniform`, one
+    elementwise pass). Payload per leaf (gathered): one float32 scale, and two bit-planes
     packed 8 entries per uint8 byte (non-zero, negative): ``2 ceil(d/8) + 4`` bytes.
 
     ``bucket_size=b`` (needs ``clip_sigma=None``: the kernel does not clip): one scale
@@ -50,6 +53,9 @@ def terngrad(
       rounding: ``"stochastic"`` (unbiased) or ``"nearest"``.
       impl: ``"auto"``, ``"pallas"`` or ``"xla"`` for the bucketed kernel (``"pallas"`` needs
         ``bucket_size``).
+      rng: the Bernoulli draws of ``bucket_size=None``: ``"hash"`` (default, one pass) or ``"jax"``
+        (``jax.random.uniform``, the draws before the hash, kept to reproduce them). The bucketed
+        kernel always hashes.
 
     Returns:
       A :class:`~optdist.compression.Compressor` (with a fused ``aggregate_ef`` when bucketed).
@@ -69,6 +75,7 @@ def terngrad(
     if clip_sigma is not None:
         clip_sigma = _checks.in_range(clip_sigma, "clip_sigma", 0.0, float("inf"), low_open=True)
     rounding = check_rounding(rounding)
+    rng = check_rng(rng, bucket_size is not None)
     if bucket_size is not None:
         if clip_sigma is not None:
             raise ValueError(
@@ -81,6 +88,7 @@ def terngrad(
     resolve_impl(
         impl, unsupported="terngrad(bucket_size=None) has no kernel; bucket_size=b runs the fused one"
     )
+    draw = uniform if rng == "hash" else jax.random.uniform
 
     def encode(x, key):
         if x.shape[0] == 0:  # an empty leaf (only sized, never sent): no max to take
@@ -92,7 +100,7 @@ def terngrad(
             scale = jnp.max(jnp.abs(x))
         prob = jnp.abs(x) / jnp.where(scale > 0, scale, 1.0)
         if rounding == "stochastic":
-            nonzero = jax.random.uniform(key, x.shape, x.dtype) < prob
+            nonzero = draw(key, x.shape, x.dtype) < prob
         else:
             nonzero = prob >= 0.5
         return {

@@ -19,12 +19,13 @@ from optdist import compressors as C
 
 OLD = np.load(Path(__file__).parent / "data" / "encodings_before_merge.npz")
 
-# case -> the unified call that must reproduce it (old call in the comment)
+# case -> the unified call that must reproduce it (old call in the comment). The unfused stochastic QSGD /
+# TernGrad draws moved to the counter-based hash (issue 20); rng="jax" is the old jax.random draw.
 UNIFIED = {
-    "qsgd_7_64": lambda: C.qsgd(7, 64),  # qsgd(7, 64)
-    "qsgd_127_512": lambda: C.qsgd(127, 512),
-    "qsgd_300_64": lambda: C.qsgd(300, 64),  # int16 codes
-    "qsgd_5_100": lambda: C.qsgd(5, 100),  # a bucket size that is no power of two
+    "qsgd_7_64": lambda: C.qsgd(7, 64, rng="jax"),  # qsgd(7, 64)
+    "qsgd_127_512": lambda: C.qsgd(127, 512, rng="jax"),
+    "qsgd_300_64": lambda: C.qsgd(300, 64, rng="jax"),  # int16 codes
+    "qsgd_5_100": lambda: C.qsgd(5, 100, rng="jax"),  # a bucket size that is no power of two
     # int8(256, "nearest") / int8(16, "stochastic")
     "int8_256_nearest": lambda: C.qsgd(127, 256, scale="max", rounding="nearest", fused=True, impl="xla"),
     "int8_16_stochastic": lambda: C.qsgd(127, 16, scale="max", fused=True, impl="xla"),
@@ -36,8 +37,8 @@ UNIFIED = {
     "scaled_sign_32": lambda: C.sign(bucket_size=32, impl="xla"),
     "sign_scaled": lambda: C.sign(True),
     "sign_vote": lambda: C.sign(False),
-    "terngrad_2.5": lambda: C.terngrad(2.5),
-    "terngrad_none": lambda: C.terngrad(None),
+    "terngrad_2.5": lambda: C.terngrad(2.5, rng="jax"),
+    "terngrad_none": lambda: C.terngrad(None, rng="jax"),
     "top_k_exact": lambda: C.top_k(0.05),
     "top_k_threshold": lambda: C.top_k(0.05, "threshold", sample_size=64),
     # threshold_top_k(0.05, sample_size=256) / threshold_top_k(0.1, tol=0.3, sample_size=128, max_refine=2)
