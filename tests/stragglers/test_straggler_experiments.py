@@ -20,4 +20,11 @@ def test_backup_run_records_simulated_time_next_to_steps():
 
 def test_digits_stragglers_config_builds_every_run():
     runs = compare.run_configs(digits_stragglers.get_config())
-    assert [name for name, _ in runs] == ["backup_b0", "backup_b2", "backup_b4", "backup_b6", "dbw"]
+    assert [name for name, _ in runs] == [
+        "backup_b0",
+        "backup_b2",
+        "backup_b4",
+        "backup_b6",
+        "dbw",
+        "dbw_online_L",
+    ]
