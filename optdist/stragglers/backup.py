@@ -190,6 +190,13 @@ def dynamic_backup_mean(
     workers' times only when they arrive); the gain is that of plain SGD at ``learning_rate``
     (with momentum or Adam downstream it is a heuristic).
 
+    Caveat (measured): the choice hinges on ``L``, and the online ``L`` is a difference of two noisy
+    means, so at a small step or a low gradient-to-noise ratio it comes out several times too large
+    (noisy least squares with true ``L = 1``: 5-15) and DBW then waits for nearly every worker;
+    ``tests/stragglers`` and ``experiments/configs/digits_stragglers.py`` pass a fixed
+    ``smoothness``. Choosing ``L`` replaces choosing ``b``, but one ``L`` serves the whole run while
+    the best ``b`` changes with the stage of training.
+
     Bytes: one all-reduce of the masked tree with three packed float32 scalars (mask, masked
     :math:`\|x_i\|^2`); backup workers send zeros (see the module docstring).
 
