@@ -154,3 +154,15 @@ def test_runs_after_a_mean_on_simulated_workers_with_identical_state():
     params_w = optdist.replicate(params, 4)
     u, state_w = optdist.simulate(lambda g, s, p: tx.update({"w": g}, s, p), "data")(grads, state_w, params_w)
     assert optdist.is_replicated(u) and optdist.is_replicated(state_w[1])
+
+
+@pytest.mark.slow  # one tiny digits run through experiments.train (compiles the whole step)
+def test_experiment_method_trains():
+    from experiments import train
+    from tests.experiments.test_experiments import tiny_digits
+
+    result = train.train_and_evaluate(
+        tiny_digits("micro_adam", steps=20, learning_rate=0.01), None, verbose=False
+    )
+    losses = [r["train_loss"] for r in result["history"]]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
