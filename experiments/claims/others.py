@@ -75,8 +75,9 @@ register(
         "AdamW itself does",
         config=lambda q: (
             f"digits MLP (hidden {128 if q else 256}), 8 workers, exact mean, "
-            f"{300 if q else 1000} steps; AdamW(3e-3, wd 1e-4) vs shampoo method (lr 3e-3, wd 1e-4, Adam "
-            "graft, preconditioner every 10 steps; experiments.methods.SHAMPOO_DEFAULTS)"
+            f"{300 if q else 1000} steps; AdamW(3e-3, wd 1e-4) vs the shampoo method "
+            "(experiments.methods.SHAMPOO_DEFAULTS: gradient EMA 0.9, L^-1/2 G R^-1/2, RMSProp graft, "
+            "block 128, preconditioner every 10 steps from step 10; lr 3e-3, wd 1e-4)"
         ),
         run=_shampoo,
         passes=lambda m: m["shampoo_steps"] is not None and m["shampoo_steps"] < m["adamw_steps"],
@@ -94,60 +95,85 @@ register(
 
 ROBUST_RULES = {
     "mean": {"hparams.robust.aggregator": "mean"},
-    "nnm_trimmed_mean": {
-        "hparams.robust.aggregator": "trimmed_mean",
-        "hparams.robust.nnm": True,
-        "hparams.robust.worker_momentum": True,
-    },
+    # aggregators.monna(f) = NNM(f) then trimmed mean(f): MoNNA's server form / "Fixing by Mixing"
     "monna": {"hparams.robust.aggregator": "monna", "hparams.robust.worker_momentum": True},
+    # Learning from History: centered clipping (tau 0.5, 3 iterations) of worker momenta
+    "centered_clip": {"hparams.robust.aggregator": "centered_clip", "hparams.robust.worker_momentum": True},
 }
 
 
-def _robust(quick: bool) -> dict:
-    out = {}
+def _robust(quick: bool, rule: str) -> dict:
     clean = train_digits(digits_config(quick, method="robust", **ROBUST_RULES["mean"]))
-    out["clean_mean"] = clean["final"]["test_accuracy"]
-    for attack in ("sign_flip", "alie"):
-        for rule, fields in ROBUST_RULES.items():
-            cfg = digits_config(quick, method="robust", **{**fields, "hparams.robust.attack": attack})
-            out[f"{attack}_{rule}"] = train_digits(cfg)["final"]["test_accuracy"]
+    out = {"clean_mean": clean["final"]["test_accuracy"]}
+    # also reported (not judged): the robust rule without an attack, to tell the rule's own cost apart
+    out[f"clean_{rule}"] = train_digits(digits_config(quick, method="robust", **ROBUST_RULES[rule]))["final"][
+        "test_accuracy"
+    ]
+    for attack in ("sign_flip", "alie"):  # the mean's runs are cached: shared by both claims
+        for name in ("mean", rule):
+            cfg = digits_config(
+                quick, method="robust", **{**ROBUST_RULES[name], "hparams.robust.attack": attack}
+            )
+            out[f"{attack}_{name}"] = train_digits(cfg)["final"]["test_accuracy"]
     return out
 
 
-def _robust_passes(m):
-    robust_ok = all(
-        m[f"{a}_{r}"] >= m["clean_mean"] - 0.03
-        for a in ("sign_flip", "alie")
-        for r in ("nnm_trimmed_mean", "monna")
-    )
+def _robust_passes(m, rule):
+    robust_ok = all(m[f"{a}_{rule}"] >= m["clean_mean"] - 0.03 for a in ("sign_flip", "alie"))
     return robust_ok and m["sign_flip_mean"] <= m["clean_mean"] - 0.2
+
+
+def _robust_ours(m, rule, label):
+    return (
+        f"no attack {100 * m['clean_mean']:.1f}%; sign flip: mean {100 * m['sign_flip_mean']:.1f}%, {label} "
+        f"{100 * m[f'sign_flip_{rule}']:.1f}%; ALIE: mean {100 * m['alie_mean']:.1f}%, {label} "
+        f"{100 * m[f'alie_{rule}']:.1f}%; {label} without attack {100 * m[f'clean_{rule}']:.1f}%"
+    )
+
+
+_ROBUST_CRITERION = (
+    "f=2 of 8: the robust rule within 3 points of the attack-free mean under both sign flip (x4) and "
+    "ALIE; the plain mean under sign flip >= 20 points below the attack-free mean (the attack is real)"
+)
+
+
+def _robust_config(q, rule_text):
+    return (
+        f"digits MLP, 8 workers (first 2 Byzantine), lr 0.05, {300 if q else 1000} steps; robust method: "
+        f"mean (server momentum 0.9) vs {rule_text} on worker momentum 0.9 (optax.trace)"
+    )
 
 
 register(
     Claim(
-        name="robust_under_attack",
+        name="robust_monna_nnm",
         paper="Farhadkhani et al.: Robust Collaborative Learning with Linear Gradient Overhead (MoNNA, ICML "
-        "2023); Allouah et al.: Fixing by Mixing (NNM, AISTATS 2023); Karimireddy et al.: Learning from "
-        "History (ICML 2021)",
-        claim="worker momentum + nearest-neighbour mixing/averaging keeps training accurate with f "
-        "Byzantine workers, where the plain mean breaks",
+        "2023); Allouah et al.: Fixing by Mixing (NNM, AISTATS 2023)",
+        claim="worker momentum + nearest-neighbour mixing (then a trimmed mean) keeps training accurate "
+        "with f Byzantine workers, where the plain mean breaks",
         paper_figure="MoNNA / NNM image-classification experiments: accuracy close to the attack-free run "
         "under ALIE, sign flipping, ... (their figures; no single number)",
-        criterion="f=2 of 8: MoNNA and NNM+trimmed mean (with worker momentum) each within 3 points of the "
-        "attack-free mean under sign flip (x4) and ALIE; the plain mean under sign flip >= 20 points below",
-        config=lambda q: (
-            f"digits MLP, 8 workers (first 2 Byzantine), SGD(0.05, m=0.9), {300 if q else 1000} "
-            "steps; robust method: aggregator mean / trimmed_mean+NNM / monna (NNA), worker momentum 0.9"
-        ),
-        run=_robust,
-        passes=_robust_passes,
-        ours=lambda m: (
-            f"no attack {100 * m['clean_mean']:.1f}%; sign flip: mean {100 * m['sign_flip_mean']:.1f}%, "
-            f"NNM+TM {100 * m['sign_flip_nnm_trimmed_mean']:.1f}%, "
-            f"MoNNA {100 * m['sign_flip_monna']:.1f}%; ALIE: "
-            f"mean {100 * m['alie_mean']:.1f}%, NNM+TM {100 * m['alie_nnm_trimmed_mean']:.1f}%, MoNNA "
-            f"{100 * m['alie_monna']:.1f}%"
-        ),
+        criterion=_ROBUST_CRITERION,
+        config=lambda q: _robust_config(q, "aggregators.monna(2) (= NNM(2) then trimmed mean(2))"),
+        run=lambda q: _robust(q, "monna"),
+        passes=lambda m: _robust_passes(m, "monna"),
+        ours=lambda m: _robust_ours(m, "monna", "MoNNA"),
+    )
+)
+
+register(
+    Claim(
+        name="robust_centered_clip",
+        paper="Karimireddy, He, Jaggi: Learning from History for Byzantine Robust Optimization (ICML 2021)",
+        claim="centered clipping of worker momenta (started from the previous aggregate) is robust to f "
+        "Byzantine workers, including time-coupled attacks such as ALIE",
+        paper_figure="MNIST / CIFAR-10 with ALIE, IPM, sign flip: CC + momentum near the attack-free "
+        "accuracy (their Table 2 / figures; numbers not re-checked here)",
+        criterion=_ROBUST_CRITERION,
+        config=lambda q: _robust_config(q, "centered_clip(tau=0.5, 3 iterations; the method's defaults)"),
+        run=lambda q: _robust(q, "centered_clip"),
+        passes=lambda m: _robust_passes(m, "centered_clip"),
+        ours=lambda m: _robust_ours(m, "centered_clip", "CC"),
     )
 )
 

@@ -41,6 +41,7 @@ def test_json_and_markdown_written(report):
     assert len(rows) == len(FAST)
     assert all(row.count(" | ") == len(reproduce.COLUMNS) for row in rows)  # no stray pipes split a row
     assert "2 of 2 claims pass" in md and "--out=" in md
+    assert reproduce.to_markdown(stored) == md  # --render rebuilds the same table from the JSON
 
 
 def test_failing_and_raising_claims_are_recorded_not_fatal(tmp_path):
@@ -90,7 +91,8 @@ def test_registry_covers_the_brief():
         "streaming_diloco",
         "qsr_vs_constant_h",
         "scaffold_vs_fedavg",
-        "robust_under_attack",
+        "robust_monna_nnm",
+        "robust_centered_clip",
         "gradient_tracking_vs_dsgd",
         "choco_sgd",
         "seeded_spsa",
