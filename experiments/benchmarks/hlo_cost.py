@@ -215,12 +215,19 @@ class Cost:
       once: bytes with every loop body counted once (XLA's convention), for comparison.
       loops: ``(while instruction, trip count, bytes of one iteration incl. its condition)``.
       unknown_trip_counts: while loops whose trip count could not be read (counted once).
+      records: ``(instruction, opcode, result type, bytes)`` per instruction that moves bytes, the
+        enclosing loops' trip counts applied (a loop condition's once per trip): where the bytes go.
     """
 
     total: int
     once: int
     loops: list[tuple[str, int, int]]
     unknown_trip_counts: list[str]
+    records: list[tuple[str, str, str, int]] = field(default_factory=list)
+
+    def top(self, n: int = 15) -> list[tuple[str, str, str, int]]:
+        """The ``n`` instructions that move the most bytes (see ``records``), largest first."""
+        return sorted(self.records, key=lambda r: -r[3])[:n]
 
 
 class _Counter:
@@ -228,6 +235,9 @@ class _Counter:
         self.comps = computations
         self.loops: list[tuple[str, int, int]] = []
         self.unknown: list[str] = []
+        # (instruction name, opcode, result type, bytes with the enclosing loops' trip counts applied)
+        self.records: list[tuple[str, str, str, int]] = []
+        self._scale = 1  # product of the trip counts of the loops being counted
 
     def trip_count(self, comp: Computation, loop: Instruction) -> int | None:
         m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attrs)
@@ -283,7 +293,10 @@ class _Counter:
         comp = self.comps[name]
         total = 0
         for instr in comp.instructions.values():
-            total += self.instruction(comp, instr, once)
+            nbytes = self.instruction(comp, instr, once)
+            if nbytes and instr.opcode not in ("while", "conditional", "call", "async-start"):
+                self.records.append((instr.name, instr.opcode, instr.type_text, nbytes * self._scale))
+            total += nbytes
         return total
 
     def instruction(self, comp: Computation, instr: Instruction, once: bool) -> int:
@@ -291,11 +304,13 @@ class _Counter:
         if op in _FREE:
             return 0
         if op == "while":
+            trips = 1 if once else self.trip_count(comp, instr)
+            self._scale *= trips or 1
             body = self.computation(instr.attr("body"), once=once)
             cond = self.computation(instr.attr("condition"), once=once)
+            self._scale //= trips or 1
             if once:
                 return body + cond
-            trips = self.trip_count(comp, instr)
             if trips is None:
                 self.unknown.append(instr.name)
                 trips = 1
@@ -372,7 +387,7 @@ def bytes_accessed(hlo_text: str) -> Cost:
     counter = _Counter(comps)
     total = counter.computation(entry)
     once = _Counter(comps).computation(entry, once=True)
-    return Cost(total, once, counter.loops, counter.unknown)
+    return Cost(total, once, counter.loops, counter.unknown, counter.records)
 
 
 def xla_bytes_accessed(compiled) -> float:
