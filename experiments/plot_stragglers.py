@@ -43,6 +43,7 @@ def main(workdir: str = "runs/digits_stragglers") -> None:
         )
     ax.set_xlabel("simulated wall time (s)")
     ax.set_ylabel("test loss")
+    ax.set_xscale("log")
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
