@@ -119,6 +119,7 @@ def to_markdown(report: dict) -> str:
         "written before our number was seen; a fail is reported as measured, with what was tried. "
         "Wall / CPU s: time.process_time of this process (all threads), so CPU can exceed wall; wall "
         "time depends on how loaded the machine was, CPU time is the comparable number.",
+        *(["", f"Note: {report['note']}."] if report.get("note") else []),
         "",
         "| " + " | ".join(("Name",) + COLUMNS) + " |",
         "|" + "---|" * (len(COLUMNS) + 1),
