@@ -93,10 +93,6 @@ def _difference(new: Any, params: Any) -> Any:
     return jax.tree_util.tree_map(lambda n, p: (n - p.astype(n.dtype)).astype(p.dtype), new, params)
 
 
-def _averager(aggregator: Any, who: str) -> Aggregator:
-    return as_aggregator(aggregator, who)
-
-
 def _check_inputs(updates: Any, params: Any, who: str) -> None:
     if params is None:
         raise ValueError(f"{who} needs the current parameters: call tx.update(operator, state, params).")
@@ -195,7 +191,7 @@ def extragradient(
     axis_name = validate_axis_name(axis_name)
     learning_rate = _learning_rate(learning_rate)
     project = _projection(projection)
-    agg = _averager(aggregator, "extragradient")
+    agg = as_aggregator(aggregator, "extragradient")
 
     def init_fn(params):
         return ExtragradientState(jnp.zeros((), jnp.int32), agg.init(params), ByteCounter.zeros(axis_name))
@@ -261,7 +257,7 @@ def _single_call(
     axis_name = validate_axis_name(axis_name)
     learning_rate = _learning_rate(learning_rate)
     project = _projection(projection)
-    agg = _averager(aggregator, kind)
+    agg = as_aggregator(aggregator, kind)
     keeps_anchor = kind != "optimistic_gradient"
 
     def init_fn(params):
