@@ -35,6 +35,8 @@ from __future__ import annotations
 import math
 import warnings
 
+import jax.numpy as jnp
+
 from optdist.compression.base import Compressor, gathered_ef
 
 ROUNDINGS = ("stochastic", "nearest")
@@ -74,7 +76,11 @@ def fused_quantizer(
 
     resolve_impl(impl, "ef_quantize")  # validates impl (the kernel entry points decide per shape)
 
+    encode_xla = _xla_encoder(scheme, bucket_size, rounding, norm, levels)
+
     def encode_ef(x, e, key):
+        if resolve_impl(impl, "ef_quantize") == "xla":
+            return encode_xla(x, e, key)
         payload, e_new = ef_quantize(
             x,
             e,
@@ -95,6 +101,39 @@ def fused_quantizer(
         return decode_accumulate(payload, acc, scheme=scheme, bucket_size=bucket_size, impl=impl)
 
     return gathered_ef(name, encode_ef, decode_into)
+
+
+def _xla_encoder(scheme: str, bucket_size: int, rounding: str, norm: str, levels: int):
+    """The XLA path of :func:`optdist_kernels.ef_quantize` on the real buckets only, same codes.
+
+    The kernel's reference pads ``g`` and ``e`` separately to its 8-bucket row blocks (two copies of
+    every ragged leaf), adds them, and then trims the payload; here ``p = g + e`` is padded once, to
+    whole buckets only, and the payload comes out trimmed. The block math is the kernel's own
+    (``_encode_block``, per bucket row), so codes, scales and residuals are those of
+    ``ef_quantize(..., impl="xla")`` on every real bucket.
+    """
+    from optdist_kernels import _dispatch
+    from optdist_kernels.quantize import Config, _encode_block, _split
+
+    cfg = Config(scheme, rounding, norm, levels, bucket_size)
+
+    def encode(x, e, key):
+        d = x.shape[0]
+        rows = max(1, -(-d // bucket_size))
+        pad = rows * bucket_size - d
+        if rounding == "stochastic" and scheme != "sign":
+            seeds = _dispatch.seeds_from_key(key)
+        else:
+            seeds = jnp.zeros((2,), jnp.uint32)
+        p = x.astype(jnp.float32) + e.astype(jnp.float32)
+        p = (jnp.pad(p, (0, pad)) if pad else p).reshape(rows, bucket_size)
+        words, scales, e_new = _encode_block(_split(p, cfg), 0, d, seeds, cfg)
+        e_new = (e_new[0] if len(e_new) == 1 else jnp.concatenate(e_new, axis=1)).reshape(-1)
+        if d == 0:  # an empty leaf (only sized, never sent): no bucket
+            words, scales = words[:0], scales[:0]
+        return {"codes": words, "scales": scales}, (e_new[:d] if pad else e_new)
+
+    return encode
 
 
 def _deprecated(old: str, new: str) -> None:
