@@ -4,10 +4,16 @@ from optdist import (
     aggregation,
     comm,
     decentralized,
+    jacobian,
+    memory,
+    minmax,
+    momentum,
     outer,
     preconditioning,
+    privacy,
     robust,
     sharing,
+    stragglers,
     training,
     zeroth_order,
 )
@@ -32,6 +38,19 @@ from optdist.execution import (
     worker_specs,
 )
 from optdist.feedback import CompressedMeanState, compressed_mean, powersgd
+from optdist.jacobian import aggregate_jacobian, mgda, upgrad
+from optdist.memory import fish_mask, micro_adam
+from optdist.minmax import (
+    extragradient,
+    local_gda,
+    masha1,
+    masha2,
+    minmax_operator,
+    optimistic_gradient,
+    past_extragradient,
+    reflected_gradient,
+)
+from optdist.momentum import multi_momentum, scale_by_multi_momentum
 from optdist.nonfinite import SkipNonFiniteState, skip_nonfinite
 from optdist.outer import (
     async_local_sgd,
@@ -47,6 +66,7 @@ from optdist.outer import (
     outer_loop,
     qsr_sync_every,
     scaffold,
+    schedule_free_eval_params,
     sparseloco,
     streaming_diloco,
 )
@@ -57,7 +77,18 @@ from optdist.preconditioning import (
     scale_by_shampoo,
     shampoo,
 )
-from optdist.robust import aggregators, attacks, monna_sgd, robust_mean
+from optdist.privacy import dp_diff_mean
+from optdist.robust import (
+    aggregators,
+    attacks,
+    local_dp_noise,
+    median_gradients,
+    monna_sgd,
+    robust_mean,
+    running_median,
+    smea,
+)
+from optdist.stragglers import backup_mean_gradients, dynamic_backup_mean_gradients
 from optdist.zeroth_order import SeededSPSAState, seeded_spsa
 
 __version__ = "0.1.0"
@@ -120,4 +151,33 @@ __all__ = [
     "unreplicate",
     "worker_index",
     "worker_specs",
+    "jacobian",
+    "memory",
+    "minmax",
+    "momentum",
+    "privacy",
+    "stragglers",
+    "aggregate_jacobian",
+    "mgda",
+    "upgrad",
+    "fish_mask",
+    "micro_adam",
+    "extragradient",
+    "local_gda",
+    "masha1",
+    "masha2",
+    "minmax_operator",
+    "optimistic_gradient",
+    "past_extragradient",
+    "reflected_gradient",
+    "multi_momentum",
+    "scale_by_multi_momentum",
+    "dp_diff_mean",
+    "local_dp_noise",
+    "median_gradients",
+    "running_median",
+    "smea",
+    "backup_mean_gradients",
+    "dynamic_backup_mean_gradients",
+    "schedule_free_eval_params",
 ]

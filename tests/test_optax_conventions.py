@@ -50,8 +50,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optdist
-import optdist.momentum
 import optdist.minmax
+import optdist.momentum
 from optdist import compressors, memory
 from tests.helpers import linear_loss, linear_problem
 from tests.test_common import NAMES, REGISTRY, WORKERS

@@ -15,8 +15,7 @@ import optax
 import pytest
 
 import optdist
-from optdist import aggregators, attacks, memory
-from optdist import minmax
+from optdist import aggregators, attacks, memory, minmax
 from tests.test_common import NAMES, REGISTRY
 
 SGD = optax.sgd(0.1)
@@ -64,9 +63,9 @@ BAD = [
     ),
     ("compressed_mean", lambda: optdist.compressed_mean("top_k", "data"), "compressor"),
     ("powersgd", lambda: optdist.powersgd(0, "data"), "rank"),
-    ("memory.micro_adam", lambda: memory.micro_adam(1e-3, density=1.5), "density"),
-    ("memory.micro_adam", lambda: memory.micro_adam(1e-3, bits=2), "bits"),
-    ("memory.fish_mask", lambda: memory.fish_mask({"w": np.ones(3)}, "data"), "mask"),
+    ("micro_adam", lambda: memory.micro_adam(1e-3, density=1.5), "density"),
+    ("micro_adam", lambda: memory.micro_adam(1e-3, bits=2), "bits"),
+    ("fish_mask", lambda: memory.fish_mask({"w": np.ones(3)}, "data"), "mask"),
     ("memory.fisher_mask", lambda: memory.fisher_mask({"w": np.ones(3)}, 0.0), "density"),
     ("compressors.powersgd", lambda: optdist.compressors.powersgd(-1), "rank"),
     ("compressors.powersgd", lambda: optdist.compressors.powersgd(2, impl="cuda"), "impl"),
@@ -113,13 +112,31 @@ BAD = [
     ("aggregators.centered_clip", lambda: aggregators.centered_clip(tau=0.0), "tau"),
     ("aggregators.geometric_median", lambda: aggregators.geometric_median(max_iters=0), "max_iters"),
     ("attacks.byzantine", lambda: attacks.byzantine(attacks.sign_flip(), num_byzantine=-1), "num_byzantine"),
-    ("robust.smea", lambda: optdist.robust.smea(-1), "f"),
-    ("robust.smea", lambda: optdist.robust.smea(1, max_subsets=0), "max_subsets"),
-    ("robust.local_dp_noise", lambda: optdist.robust.local_dp_noise(0.0, 1.0), "clip_norm"),
-    ("robust.running_median", lambda: optdist.robust.running_median(-1.0), "tau"),
-    ("robust.median_gradients", lambda: optdist.robust.median_gradients("data", "mean"), "kind"),
-    ("momentum.multi_momentum", lambda: _momentum().multi_momentum(0.1, 0), "num_clusters"),
-    ("momentum.multi_momentum", lambda: _momentum().multi_momentum(0.1, 2, beta=1.0), "beta"),
+    ("scale_by_multi_momentum", lambda: optdist.scale_by_multi_momentum(0, 0.9), "num_clusters"),
+    ("dp_diff_mean", lambda: optdist.dp_diff_mean(0.0, 1.0, 2, "data"), "clip_norm"),
+    ("dp_diff_mean", lambda: optdist.dp_diff_mean(1.0, 1.0, 0, "data"), "refresh_every"),
+    ("upgrad", lambda: optdist.jacobian.upgrad(max_iters=0), "max_iters"),
+    ("mgda", lambda: optdist.jacobian.mgda(tol=-1.0), "tol"),
+    ("aggregate_jacobian", lambda: optdist.jacobian.aggregate_jacobian("upgrad"), "rule"),
+    (
+        "backup_mean_gradients",
+        lambda: optdist.stragglers.backup_mean_gradients(1, "data", "pareto"),
+        "delays",
+    ),
+    (
+        "dynamic_backup_mean_gradients",
+        lambda: optdist.stragglers.dynamic_backup_mean_gradients(
+            "data", 4, optdist.stragglers.clock.exponential(), 0.1, initial_backup=3
+        ),
+        "initial_backup",
+    ),
+    ("smea", lambda: optdist.robust.smea(-1), "f"),
+    ("smea", lambda: optdist.robust.smea(1, max_subsets=0), "max_subsets"),
+    ("local_dp_noise", lambda: optdist.robust.local_dp_noise(0.0, 1.0), "clip_norm"),
+    ("running_median", lambda: optdist.robust.running_median(-1.0), "tau"),
+    ("median_gradients", lambda: optdist.robust.median_gradients("data", "mean"), "kind"),
+    ("multi_momentum", lambda: _momentum().multi_momentum(0.1, 0), "num_clusters"),
+    ("multi_momentum", lambda: _momentum().multi_momentum(0.1, 2, beta=1.0), "beta"),
     ("scale_by_shampoo", lambda: optdist.scale_by_shampoo(block_size=0), "block_size"),
     ("scale_by_shampoo", lambda: optdist.scale_by_shampoo(matrix_epsilon=-1.0), "matrix_epsilon"),
     ("shampoo", lambda: optdist.shampoo(0.1, beta2=1.5), "beta2"),
@@ -132,7 +149,15 @@ BAD = [
 ]
 
 # Public callables that are not factories with hyperparameters to validate.
-NOT_FACTORIES = {"bytes_sent", "is_replicated", "num_workers", "unreplicate", "worker_index", "worker_specs"}
+NOT_FACTORIES = {
+    "schedule_free_eval_params",
+    "bytes_sent",
+    "is_replicated",
+    "num_workers",
+    "unreplicate",
+    "worker_index",
+    "worker_specs",
+}
 
 
 def _momentum():

@@ -20,6 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -130,8 +131,22 @@ class _BranchRecorder:
 # -- compiling and running one entry -------------------------------------------------------------------
 
 
+# Entries whose factory takes the worker count (the registry's is 4; the audit runs 8, one per device).
+SIZED_FOR_WORKERS = {
+    "dynamic_backup_mean": lambda ax: optdist.stragglers.dynamic_backup_mean_gradients(
+        ax, WORKERS, optdist.stragglers.clock.shifted_exponential(1.0, 0.5), 0.1, initial_backup=1
+    ),
+}
+
+
+def _tx(name):
+    if name in SIZED_FOR_WORKERS:
+        return optax.chain(SIZED_FOR_WORKERS[name]("data"), optax.sgd(0.1))
+    return full_tx(name)
+
+
 def _compile(name, params_w, state_w, batches, bad, mesh):
-    step = step_fn(full_tx(name))
+    step = step_fn(_tx(name))
     return jax.jit(optdist.data_parallel(step, mesh, "data")).lower(params_w, state_w, batches, bad).compile()
 
 
@@ -142,7 +157,7 @@ def _audit(name, dtype=jnp.float32):
     place = lambda t: jax.device_put(t, NamedSharding(mesh, P("data")))  # noqa: E731
     params, data = linear_problem(num_examples=4 * WORKERS)
     params, data = jax.tree_util.tree_map(lambda x: x.astype(dtype), (params, data))
-    tx = full_tx(name)
+    tx = _tx(name)
     params_w, state_w = place(optdist.replicate((params, tx.init(params)), WORKERS))
     batches, bad = place(optdist.shard_batch(data, WORKERS)), place(jnp.zeros(WORKERS, bool))
     compiled = _compile(name, params_w, state_w, batches, bad, mesh)
