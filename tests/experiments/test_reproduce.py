@@ -96,8 +96,58 @@ def test_registry_covers_the_brief():
         "gradient_tracking_vs_dsgd",
         "choco_sgd",
         "seeded_spsa",
+        # issues 16 and 17 (experiments/claims/methods.py)
+        "micro_adam",
+        "sketch_unbiased",
+        "diff2",
+        "fish_mask",
+        "schedule_free_outer",
+        "multi_momentum_one_cluster",
+        "median_sgd_cauchy",
+        "smea_dp_attack",
+        "extragradient_bilinear",
+        "masha_bytes_to_eps",
+        "local_gda_rounds",
+        "upgrad",
+        "dbw_time_to_target",
+        "gradient_coding_exact",
     }
     assert required <= set(REGISTRY)
     for c in REGISTRY.values():
         assert c.paper and c.claim and c.paper_figure and c.criterion
         assert c.config(True) and c.config(False)
+
+
+def test_merge_keeps_other_rows_and_marks_when_each_row_ran(report, tmp_path):
+    rep, out = report
+    md = tmp_path / "TABLE.md"
+    (tmp_path / "TABLE.json").write_text(out.with_suffix(".json").read_text())
+    first = json.loads(out.with_suffix(".json").read_text())
+    new = "multi_momentum_one_cluster"  # < 1 s of CPU
+    merged = reproduce.merge([new], quick=True, out=str(md), log=lambda m: None)
+    merged = reproduce.merge([new], quick=True, out=str(md), log=lambda m: None)  # a rerun replaces its row
+    stored = json.loads((tmp_path / "TABLE.json").read_text())
+    assert stored == merged
+    assert [r["name"] for r in stored["claims"]] == FAST + [new]  # registry order, no duplicate
+    for old, kept in zip(first["claims"], stored["claims"]):
+        assert kept == {**old, "run_at": first["finished"]}  # untouched, run time backfilled
+    row = stored["claims"][-1]
+    assert row["merged"] is True and row["passed"] is True and row["run_at"]
+    assert (stored["command"], stored["started"]) == (first["command"], first["started"])  # first run's
+    assert [m["claims"] for m in stored["merges"]] == [[new], [new]]
+    assert (
+        stored["merges"][0]["command"]
+        == f"python -m experiments.reproduce --quick --merge --only={new} --out={md}"
+    )
+    assert stored["cpu_s"] == round(sum(r["cpu_s"] for r in stored["claims"]), 2)
+    text = md.read_text()
+    assert text == reproduce.to_markdown(stored) and "3 of 3 claims pass" in text
+    line = next(x for x in text.splitlines() if x.startswith(f"| `{new}`"))
+    assert f"(run {row['run_at']})" in line and line.count(" | ") == len(reproduce.COLUMNS)
+    assert "merged into this table later" in text
+    with pytest.raises(ValueError, match="quick"):
+        reproduce.merge([new], quick=False, out=str(md), log=lambda m: None)
+    with pytest.raises(ValueError, match="--only"):
+        reproduce.merge([], quick=True, out=str(md), log=lambda m: None)
+    with pytest.raises(ValueError, match="does not exist"):
+        reproduce.merge([new], quick=True, out=str(tmp_path / "NONE.md"), log=lambda m: None)
