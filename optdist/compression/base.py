@@ -401,13 +401,12 @@ def gathered_ef(
         return encode_ef(x, jnp.zeros_like(x), key)[0]
 
     def mean_of(stacked, leaf):
-        size = leaf.size
-
-        def body(acc, payload):
-            return decode_accumulate(payload, acc), None
-
-        total, _ = jax.lax.scan(body, jnp.zeros((size,), jnp.float32), stacked)
-        return total / jax.tree_util.tree_leaves(stacked)[0].shape[0]
+        # Unrolled in worker order (a lax.scan's carry is copied every trip on XLA:CPU): same sums.
+        workers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+        total = jnp.zeros((leaf.size,), jnp.float32)
+        for j in range(workers):
+            total = decode_accumulate(jax.tree_util.tree_map(lambda p, j=j: p[j], stacked), total)
+        return total / workers
 
     def plan(leaves):
         return [
