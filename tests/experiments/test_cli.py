@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import compare, launch, methods, plotting, robustness, train
+from experiments import compare, games, launch, methods, plotting, robustness, train
 from experiments.checkpointing import Checkpointer
 from experiments.configs import compare as compare_config
 from experiments.configs import robustness as robustness_config
@@ -298,6 +298,9 @@ def test_every_config_declares_every_field_it_reads():
                 cfg = robustness.cell_config(config, fs[0], attacks[-1], agg, var)
                 train.validate(cfg)
                 methods.build(cfg)
+        elif name == "bilinear_game.py":  # the min-max binary (experiments.games): every method builds
+            for m in config.methods.split(","):
+                games.method(m.strip(), config)
         elif "base" in config:
             assert len(compare.run_configs(config)) == len(compare._split(config.methods))
         else:
