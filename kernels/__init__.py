@@ -16,13 +16,23 @@ Benchmark on a GPU with ``python -m experiments.benchmarks.kernels``. Library co
 below (never ``optdist_kernels._dispatch``).
 """
 
-from optdist_kernels._dispatch import AUTO_BACKENDS, IMPLS, KERNELS, next_pow2, resolve_impl
+from optdist_kernels._dispatch import (
+    AUTO_BACKENDS,
+    IMPLS,
+    KERNELS,
+    hash_uniform,
+    next_pow2,
+    resolve_impl,
+    seeds_from_key,
+)
 from optdist_kernels.powersgd import decode_residual, ef_project, gram_schmidt
 from optdist_kernels.quantize import decode_accumulate, ef_quantize
 from optdist_kernels.roots import batched_inverse_pth_root
 from optdist_kernels.topk import ef_threshold_topk
 
 __all__ = [
+    "hash_uniform",
+    "seeds_from_key",
     "AUTO_BACKENDS",
     "IMPLS",
     "KERNELS",

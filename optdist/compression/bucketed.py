@@ -112,7 +112,7 @@ def _xla_encoder(scheme: str, bucket_size: int, rounding: str, norm: str, levels
     (``_encode_block``, per bucket row), so codes, scales and residuals are those of
     ``ef_quantize(..., impl="xla")`` on every real bucket.
     """
-    from optdist_kernels import _dispatch
+    from optdist_kernels import seeds_from_key
     from optdist_kernels.quantize import Config, _encode_block, _split
 
     cfg = Config(scheme, rounding, norm, levels, bucket_size)
@@ -122,7 +122,7 @@ def _xla_encoder(scheme: str, bucket_size: int, rounding: str, norm: str, levels
         rows = max(1, -(-d // bucket_size))
         pad = rows * bucket_size - d
         if rounding == "stochastic" and scheme != "sign":
-            seeds = _dispatch.seeds_from_key(key)
+            seeds = seeds_from_key(key)
         else:
             seeds = jnp.zeros((2,), jnp.uint32)
         p = x.astype(jnp.float32) + e.astype(jnp.float32)

@@ -18,12 +18,12 @@ _MAX_FUSED_LEVELS = 127  # the kernel's int8 codes
 def uniform(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
     """``U[0, 1)`` draws of ``shape`` from the counter-based hash of (``key``, element index).
 
-    One elementwise pass (:func:`optdist_kernels._dispatch.hash_uniform`, the fused kernels' RNG,
+    One elementwise pass (:func:`optdist_kernels.hash_uniform`, the fused kernels' RNG,
     24 random bits per draw), where ``jax.random.uniform`` runs a multi-round loop over the whole
     array on CPU (it moved 2.4-3.3x the bytes of the rest of a QSGD / TernGrad step). Element
     indices wrap modulo ``2**32``.
     """
-    from optdist_kernels._dispatch import hash_uniform, seeds_from_key
+    from optdist_kernels import hash_uniform, seeds_from_key
 
     seeds = seeds_from_key(key)
     size = 1
