@@ -109,8 +109,13 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict, *, host_state: Any = None, force: bool = False) -> None:
-        """Saves ``state`` with ``meta`` plus its hashes; ``host_state``: ``state`` fetched to NumPy."""
-        meta = dict(meta)
+        """Saves ``state`` with ``meta`` plus its hashes; ``host_state``: ``state`` fetched to NumPy.
+
+        ``meta`` is snapshotted (a JSON round trip) before it is hashed: orbax writes the record in
+        the background, and the caller may go on mutating what ``meta`` refers to (the training loop
+        appends to its metrics history), which would otherwise make the record disagree with its hash.
+        """
+        meta = json.loads(json.dumps(meta))
         meta["state_sha256"] = tree_sha256(state if host_state is None else host_state)
         if "config" in meta:
             meta["config_sha256"] = json_sha256(meta["config"])

@@ -10,7 +10,8 @@ run for every entry of ``tests.test_common.REGISTRY``:
 * ``optax.tree.map_params`` maps the state;
 * convergence on optax's targets (parabola, Rosenbrock, matrix parabola, mixed 1-D / 2-D tensors);
 * ``optax.inject_hyperparams`` of a learning-rate-taking factory equals the plain factory;
-* updates keep the parameters' dtype (float32 and bfloat16);
+* updates keep the parameters' dtype (float32 and bfloat16), and bfloat16 parameters stay bfloat16
+  through two training steps (the state keeping its shapes and dtypes);
 * ``optax.MultiSteps`` accumulates (zero updates on the mini-steps, then the inner update of the
   mean gradient);
 * abstract init (``jax.eval_shape``) under an explicit-axes mesh, and ``jax.typeof`` of the state
@@ -571,7 +572,7 @@ def test_inject_hyperparams_equals_plain_factory(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_multisteps_accumulates_and_bfloat16_updates_keep_dtype(name):
+def test_multisteps_accumulates_and_bfloat16_parameters_stay_bfloat16(name):
     inner = REGISTRY[name].make(AXIS)
     every = 4
     multi = optax.MultiSteps(inner, every_k_schedule=every)
@@ -580,18 +581,30 @@ def test_multisteps_accumulates_and_bfloat16_updates_keep_dtype(name):
     batches = batches.astype(jnp.bfloat16)
     params_w = optdist.replicate(params, WORKERS)
 
+    full = optax.chain(inner, optax.sgd(0.1)) if REGISTRY[name].output == "gradient" else inner
+
     def run(p, batch):
         grads = jax.grad(linear_loss)(p, batch)
         direct, _ = inner.update(grads, inner.init(p), p)  # the inner update of this (mean) gradient
+        # Two training steps on bfloat16 parameters (test_common's train step, chained with SGD for
+        # gradient outputs): the parameters and the state keep their dtypes.
+        trained, state = p, full.init(p)
+        for _ in range(2):
+            updates, state = full.update(jax.grad(linear_loss)(trained, batch), state, trained)
+            trained = optax.apply_updates(trained, updates)
 
         def mini_step(ms_state, _):  # parameters do not move on mini-steps: every gradient is equal
             updates, ms_state = multi.update(grads, ms_state, p)
             return ms_state, updates
 
         _, stacked = jax.lax.scan(mini_step, multi.init(p), None, length=every)
-        return [jax.tree_util.tree_map(lambda u, i=i: u[i], stacked) for i in range(every)], direct
+        steps = [jax.tree_util.tree_map(lambda u, i=i: u[i], stacked) for i in range(every)]
+        return steps, direct, trained, (full.init(p), state)
 
-    mini, direct = optdist.simulate(run, AXIS)(params_w, batches)
+    mini, direct, trained, (state0, state2) = optdist.simulate(run, AXIS)(params_w, batches)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(trained)} == {jnp.dtype(jnp.bfloat16)}
+    assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree_util.tree_leaves(trained))
+    assert spec(state2) == spec(state0), "two bfloat16 steps changed the state's shapes or dtypes"
     for i, updates in enumerate(mini):
         assert spec(updates) == spec(params_w), f"mini-step {i}: updates changed dtype"
     assert spec(direct) == spec(params_w), "the transform's updates are not bfloat16"

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import matplotlib.pyplot as plt
@@ -438,3 +439,22 @@ def test_process_without_a_coordinator_logs_what_it_waits_for_and_gives_up():
     assert out.returncode == 1
     assert f"waiting up to 3s for the coordinator (process 0) at 127.0.0.1:{port}" in out.stdout
     assert "did not open within 3s" in out.stdout and "--peer_timeout" in out.stdout
+
+
+def test_the_saved_record_is_a_snapshot_of_meta(tmp_path):
+    """orbax writes the record in the background while the training loop goes on appending to its
+    history: the record on disk must be the one hashed at save time (found as a flaky resume)."""
+    ckpt = Checkpointer(str(tmp_path), 1)
+    history = [{"step": 1, "loss": 0.5}]
+    ckpt.save(1, {"w": np.ones((256, 256), np.float32)}, {"step": 1, "history": history}, force=True)
+    step, start = 1, time.perf_counter()
+    while time.perf_counter() - start < 0.2:  # mutate while the save is in flight (holding the GIL)
+        step += 1
+        history.append({"step": step, "loss": 0.1})
+        history[0]["loss"] = float(step)
+    ckpt.close()
+    ckpt = Checkpointer(str(tmp_path), 1)
+    assert ckpt.read_meta(1)["history"] == [{"step": 1, "loss": 0.5}]
+    said = []
+    assert ckpt.restore_intact({"w": np.zeros((256, 256), np.float32)}, log=said.append) is not None, said
+    ckpt.close()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -41,19 +42,25 @@ assert {methods.resolve(n)[0].family for n in REPRESENTATIVES} == {m.family for 
 # Every family under simulate; under data_parallel (state restored onto a device mesh) the families
 # whose state mixes per-worker and shared leaves: PowerSGD (shared Q, per-worker residuals), an outer
 # loop (anchors, per-worker inner states) and the robust pipeline (worker momenta) — the others' state
-# placement is the same as one of these (suite time: each run is three trainings).
+# placement is the same as one of these (suite time: each case is two trainings).
 DATA_PARALLEL = ["powersgd_r1", "diloco_h10", "robust"]
 CASES = [(m, "simulate") for m in REPRESENTATIVES] + [(m, "data_parallel") for m in DATA_PARALLEL]
 
 
 @pytest.mark.parametrize("method,execution", CASES)
 def test_resume_is_bit_exact(tmp_path, method, execution):
-    full = train.train_and_evaluate(resumable(method, 40, execution=execution), None, verbose=False)
+    """A 40-step run checkpoints at steps 20 and 40; with step 40's checkpoint removed (as if the
+    process died after step 20), --resume restores step 20 and must reproduce the run bit for bit."""
     workdir = str(tmp_path)
-    train.train_and_evaluate(resumable(method, 20, execution=execution), workdir, verbose=False)
+    full = train.train_and_evaluate(resumable(method, 40, execution=execution), workdir, verbose=False)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    assert train.existing_checkpoints(ckpt_dir) == [20, 40]
+    shutil.rmtree(os.path.join(ckpt_dir, "40"))
+    said = []
     resumed = train.train_and_evaluate(
-        resumable(method, 40, execution=execution), workdir, resume=True, verbose=False
+        resumable(method, 40, execution=execution), workdir, resume=True, log=said.append
     )
+    assert any(m.endswith("resumed from step 20") for m in said), said
     assert_bitwise_equal(resumed["final"], full["final"])
     assert strip_time(resumed["history"]) == strip_time(full["history"])
     # NamedTuple states come back as NamedTuples (same tree structure, not dicts).
