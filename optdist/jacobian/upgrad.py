@@ -14,13 +14,13 @@ They are :class:`~optdist.robust.aggregators.Rule` objects, so they serve in two
   workers' flattened gradients and every worker computes the same conflict-free direction, in the
   slot of the mean.
 
-QP solver (all rules here): the box-constrained quadratic programs below are solved by cyclic
-projected coordinate descent (Gauss-Seidel) on the Gram matrix, in at least float32, until no weight
-moves by more than ``tol`` times the largest weight or ``max_iters`` sweeps. This is *not* the
-solver of the paper's reference implementation (``quadprog``'s active-set dual method); it is
-jittable, vmappable and branch-free, converges linearly for a positive-definite ``G`` and more
-slowly when rows are nearly collinear (then raise ``max_iters``). ``tests/jacobian`` checks it
-against an exhaustive active-set solve of the same KKT system in float64 NumPy.
+QP solver (all rules here): the box-constrained quadratic programs below are solved by the
+Lawson-Hanson active-set method on the Gram matrix (:func:`box_qp`), in at least float32: finite
+termination, exact when ``G`` is singular (more objectives or workers than dimensions, where the
+answer is often 0), jittable and vmappable (``lax.while_loop``; each step solves one ``m x m``
+system). The paper's reference implementation uses ``quadprog``'s dual active-set method; the
+solution is the same QP optimum. ``tests/jacobian`` checks it against an exhaustive active-set
+solve of the KKT system in float64 NumPy, with fewer and with more rows than dimensions.
 
 References:
   Quinton, Rey, "Jacobian Descent for Multi-Objective Optimization", 2024 (UPGrad, Jacobian
@@ -45,36 +45,76 @@ from optdist.robust.aggregators import Rule
 
 def box_qp(g: jax.Array, b: jax.Array, lower: jax.Array, max_iters: int, tol: float) -> jax.Array:
     r"""Solves :math:`\min_{v \ge \ell} \tfrac12 v^\top G v - b^\top v` for every column of ``b``
-    and ``lower`` (``[m, p]``: ``p`` problems sharing ``G``) by cyclic projected coordinate descent:
+    and ``lower`` (``[m, p]``: ``p`` problems sharing the positive semi-definite ``G``).
 
-    .. math:: v_k \leftarrow \max\big(\ell_k,\; v_k - ((G v)_k - b_k) / G_{kk}\big), \quad k = 1..m.
-
-    Starts at :math:`v = \ell`; stops when a sweep moves no entry by more than ``tol`` times the
-    largest ``|v|`` (or after ``max_iters`` sweeps). A zero diagonal entry (a zero row of ``J``)
-    keeps its coordinate at its bound.
+    With :math:`v = \ell + \mu` this is the non-negative QP
+    :math:`\min_{\mu \ge 0} \tfrac12 \mu^\top G \mu + c^\top \mu`, :math:`c = G\ell - b`, solved by
+    the Lawson-Hanson active-set method in Gram form: the passive set :math:`P` grows by the
+    coordinate of largest negative gradient :math:`-(G\mu + c)_k`, the equality-constrained solution
+    on :math:`P` (:math:`G_{PP} z_P = -c_P`) replaces :math:`\mu`, and when it leaves the orthant
+    :math:`\mu` moves to the boundary and the coordinates that reach 0 leave :math:`P`. It stops when
+    no negative gradient exceeds ``tol`` times the problem's scale (:math:`\max(\max_k G_{kk},
+    \max_k |c_k|)`), or after ``max_iters`` additions. Finite termination in exact arithmetic, and it
+    stays exact when :math:`G` is singular (more objectives than dimensions: the passive columns stay
+    independent), where coordinate descent crawls. A zero row of ``J`` (zero diagonal entry) has a
+    zero gradient and keeps its coordinate at its bound.
     """
+    c = jnp.matmul(g, lower, precision=lax.Precision.HIGHEST) - b
+    mu = jax.vmap(lambda col: _nonnegative_qp(g, col, max_iters, tol), in_axes=1, out_axes=1)(c)
+    return lower + mu
+
+
+def _nonnegative_qp(g: jax.Array, c: jax.Array, max_iters: int, tol: float) -> jax.Array:
+    """Lawson-Hanson for ``min_{mu >= 0} mu'G mu / 2 + c'mu`` (one column; see :func:`box_qp`)."""
     m = g.shape[0]
-    diag = jnp.diagonal(g)
-    inv = jnp.where(diag > 0, 1.0 / jnp.where(diag > 0, diag, 1.0), 0.0)
+    eye = jnp.eye(m, dtype=g.dtype)
+    scale = jnp.maximum(jnp.maximum(jnp.max(jnp.diagonal(g)), jnp.max(jnp.abs(c))), jnp.finfo(g.dtype).tiny)
+    threshold = tol * scale
 
-    def sweep(v):
-        def coord(k, v):
-            step = (jnp.matmul(g[k], v, precision=lax.Precision.HIGHEST) - b[k]) * inv[k]
-            return v.at[k].set(jnp.maximum(lower[k], v[k] - step))
+    def objective(mu):
+        return 0.5 * mu @ jnp.matmul(g, mu, precision=lax.Precision.HIGHEST) + c @ mu
 
-        return lax.fori_loop(0, m, coord, v)
+    def on_passive(passive):  # the minimizer with the coordinates outside `passive` held at 0
+        p = passive.astype(g.dtype)
+        system = g * p[:, None] * p[None, :] + eye * (1 - p)
+        return jnp.linalg.solve(system, -c * p) * p
+
+    def back_off(carry):  # z left the orthant: move mu towards z until a coordinate hits 0
+        mu, passive, z = carry
+        blocking = passive & (z <= 0)
+        ratio = jnp.where(blocking, mu / jnp.where(blocking, mu - z, 1.0), jnp.inf)
+        alpha = jnp.clip(jnp.min(ratio), 0.0, 1.0)
+        mu = jnp.maximum(mu + alpha * (z - mu), 0.0)
+        passive = passive & ~(blocking & (ratio <= alpha)) & (mu > 0)
+        return mu, passive, on_passive(passive)
+
+    def outside(carry):
+        _, passive, z = carry
+        return jnp.any(passive & (z <= 0))
 
     def cond(carry):
-        i, _, moved = carry
-        return (i < max_iters) & moved
+        i, _, _, done = carry
+        return (i < max_iters) & ~done
 
     def body(carry):
-        i, v, _ = carry
-        new = sweep(v)
-        scale = jnp.maximum(jnp.max(jnp.abs(new)), jnp.finfo(v.dtype).tiny)
-        return i + 1, new, jnp.max(jnp.abs(new - v)) > tol * scale
+        i, mu, passive, _ = carry
+        gradient = -(jnp.matmul(g, mu, precision=lax.Precision.HIGHEST) + c)
+        candidates = jnp.where(passive, -jnp.inf, gradient)
+        k = jnp.argmax(candidates)
+        optimal = candidates[k] <= threshold
+        grown = passive.at[k].set(True)
+        new_mu, new_passive, z = lax.while_loop(outside, back_off, (mu, grown, on_passive(grown)))
+        new_mu = jnp.where(new_passive, z, 0.0)
+        # No progress is possible when the coordinate just added leaves at once, or when rounding
+        # (a near-singular G_PP in float32) makes the step fail to lower the objective: keep mu.
+        stuck = ~new_passive[k] | ~(objective(new_mu) < objective(mu))
+        finished = optimal | stuck
+        mu = jnp.where(finished, mu, new_mu)
+        passive = jnp.where(finished, passive, new_passive)
+        return i + 1, mu, passive, finished
 
-    return lax.while_loop(cond, body, (jnp.asarray(0), lower, jnp.asarray(True)))[1]
+    start = (jnp.asarray(0), jnp.zeros_like(c), jnp.zeros(m, bool), jnp.asarray(False))
+    return lax.while_loop(cond, body, start)[1]
 
 
 def _checked_options(max_iters: Any, tol: Any) -> tuple[int, float]:
@@ -127,8 +167,9 @@ def upgrad(max_iters: int = 200, tol: float = 1e-7) -> Rule:
     Non-finite policy: a row with NaN/Inf makes the output non-finite (as :func:`mean`).
 
     Args:
-      max_iters: coordinate-descent sweeps cap (see the module docstring), ``>= 1``.
-      tol: relative stopping tolerance on the weights, ``>= 0``.
+      max_iters: cap on the active-set additions of each QP (:func:`box_qp`; ``m`` or a few more
+        suffice), ``>= 1``.
+      tol: KKT tolerance relative to the Gram matrix's scale, ``>= 0``.
 
     Returns:
       A stateless :class:`~optdist.robust.aggregators.Rule`.
@@ -173,8 +214,8 @@ def mgda(max_iters: int = 200, tol: float = 1e-7) -> Rule:
     Non-finite policy: a row with NaN/Inf makes the output non-finite.
 
     Args:
-      max_iters: coordinate-descent sweeps cap, ``>= 1``.
-      tol: relative stopping tolerance, ``>= 0``.
+      max_iters: cap on the active-set additions of the QP, ``>= 1``.
+      tol: KKT tolerance relative to the Gram matrix's scale, ``>= 0``.
 
     Returns:
       A stateless :class:`~optdist.robust.aggregators.Rule`.
