@@ -69,8 +69,9 @@ def method(name, config):
         return minmax.extragradient(config.extragradient_lr, ax), 2, True
     if name in ("past_extragradient", "optimistic_gradient", "reflected_gradient"):
         return getattr(minmax, name)(lr, ax), 1, False
-    if name == "masha1":
-        return minmax.masha1(config.masha_lr, compressors.rand_k(config.ratio), ax, tau=tau), 1, False
+    if name in ("masha1", "masha1_independent"):  # rand-k drawn once for all workers, or per worker
+        rand_k = compressors.rand_k(config.ratio, shared=name == "masha1")
+        return minmax.masha1(config.masha_lr, rand_k, ax, tau=tau), 1, False
     if name == "masha2":
         return minmax.masha2(config.masha_lr, compressors.top_k(config.ratio), ax, tau=tau), 1, False
     if name == "local_gda":

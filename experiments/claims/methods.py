@@ -661,7 +661,12 @@ def _masha(quick: bool) -> dict:
     res = _game(
         50,
         calls,
-        {"extragradient": ("extragradient", 0.6), "masha1": ("masha1", 0.25), "masha2": ("masha2", 0.3)},
+        {
+            "extragradient": ("extragradient", 0.6),
+            "masha1": ("masha1", 0.25),
+            "masha1_independent": ("masha1_independent", 0.35),
+            "masha2": ("masha2", 0.3),
+        },
     )
     out = {"epsilon": eps, "calls": calls}
     for label, (dist, nbytes, ncalls) in res.items():
@@ -692,14 +697,16 @@ register(
         config=lambda q: (
             "experiments.games bilinear game, 50 + 50 dims, 8 workers, 3000 operator calls; extragradient "
             "(exact mean, step 0.6), MASHA1 rand-k 25% (tau 0.75, step 0.25), MASHA2 top-k 25% + EF "
-            "(tau 0.75, step 0.3): the best steps of BENCHMARKS.md's sweep"
+            "(tau 0.75, step 0.3): the best steps of BENCHMARKS.md's sweep; also MASHA1 with independent "
+            "per-worker rand-k 25% (the paper's compressors, all-gathered; step 0.35, best of 0.15-0.35)"
         ),
         run=_masha,
         passes=_masha_passes,
         ours=lambda m: (
             f"bytes/worker to {m['epsilon']:g}: EG {m['extragradient_bytes']} ({m['extragradient_calls']} "
             f"calls), MASHA1 {m['masha1_bytes']} ({m['masha1_calls']} calls), MASHA2 {m['masha2_bytes']} "
-            f"({m['masha2_calls']} calls)"
+            f"({m['masha2_calls']} calls); MASHA1 with independent rand-k {m['masha1_independent_bytes']} "
+            f"({m['masha1_independent_calls']} calls)"
         ),
     )
 )

@@ -1,4 +1,4 @@
-"""Random-k sparsification with a seed shared by all workers (summable)."""
+"""Random-k sparsification: a seed shared by all workers (summable), or one per worker (gathered)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optdist import _checks
-from optdist.compression.base import Compressor, summable
+from optdist.compression.base import Compressor, gathered, summable
 from optdist.compression.top_k import num_kept
 
 _SAMPLINGS = ("stratified", "uniform")
@@ -19,8 +19,8 @@ def _strata(size: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return bounds[:-1].astype(np.int32), np.diff(bounds).astype(np.int32)
 
 
-def rand_k(ratio: float, seed: int = 0, sampling: str = "stratified") -> Compressor:
-    r"""Keeps ``k`` random coordinates, the same on every worker, scaled to be unbiased.
+def rand_k(ratio: float, seed: int = 0, sampling: str = "stratified", shared: bool = True) -> Compressor:
+    r"""Keeps ``k`` random coordinates, the same on every worker (or not), scaled to be unbiased.
 
     ``sampling="stratified"`` (default, ``O(k)``): ``[0, d)`` is cut into ``k`` contiguous strata
     :math:`B_1..B_k` of sizes :math:`\lfloor d/k \rfloor` or :math:`\lceil d/k \rceil`, and one
@@ -41,10 +41,21 @@ def rand_k(ratio: float, seed: int = 0, sampling: str = "stratified") -> Compres
     rebuilt from the key, never sent. Each worker sends ``2 (n-1) ceil(K/n) s`` bytes for ``K``
     values in total. Scalars and empty leaves go uncompressed. Stateless.
 
+    ``shared=False``: every worker draws its own coordinates (from ``fold_in(key, worker)``), the
+    independent compressors that DIANA / MARINA / MASHA's analyses assume. For ``k | d`` the mean
+    of the shared draws is :math:`C(\bar x)`, with variance :math:`(d/k - 1)\|\bar x\|^2`; the mean
+    of independent draws has variance :math:`\frac{d/k - 1}{n^2} \sum_i \|x_i\|^2`, smaller when
+    the workers' vectors agree. The payloads no longer sum: each worker's ``k`` values and its
+    8-byte key (receivers rebuild the sender's coordinates from it) are all-gathered,
+    ``(n-1)(k s + 8)`` bytes sent per worker and leaf, about ``n/2`` times the shared form's
+    all-reduce for the same ``k``.
+
     Args:
       ratio: fraction of coordinates kept, in (0, 1].
       seed: folded into the step key so different rand-k instances differ.
       sampling: ``"stratified"`` or ``"uniform"`` (see above).
+      shared: True (default): one draw for all workers, summed by an all-reduce; False:
+        independent draws per worker, all-gathered.
 
     Returns:
       A :class:`~optdist.compression.Compressor`.
@@ -63,6 +74,8 @@ def rand_k(ratio: float, seed: int = 0, sampling: str = "stratified") -> Compres
         raise TypeError(f"seed must be an int; got {seed!r}.")
     if sampling not in _SAMPLINGS:
         raise ValueError(f"sampling must be one of {_SAMPLINGS}; got {sampling!r}.")
+    if not isinstance(shared, bool):
+        raise TypeError(f"shared must be True or False; got {shared!r}.")
 
     def indices_and_scales(key, size):
         k = num_kept(ratio, size)
@@ -86,4 +99,13 @@ def rand_k(ratio: float, seed: int = 0, sampling: str = "stratified") -> Compres
         idx, _ = indices_and_scales(key, size)
         return jnp.zeros((size,), values.dtype).at[idx].set(values)
 
-    return summable(f"rand_k({ratio:g}, {sampling})", encode, decode)
+    if shared:
+        return summable(f"rand_k({ratio:g}, {sampling})", encode, decode)
+
+    def encode_own(x, key):  # key: this worker's; sent so that receivers rebuild its coordinates
+        return {**encode(x, key, None), "key": jax.random.key_data(key)}
+
+    def decode_own(payload, size):
+        return decode(payload, size, jax.random.wrap_key_data(payload["key"]), None)
+
+    return gathered(f"rand_k({ratio:g}, {sampling}, independent)", encode_own, decode_own)

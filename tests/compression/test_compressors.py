@@ -57,6 +57,40 @@ def test_rand_k_stratified_keeps_one_per_stratum_scaled_by_its_size():
         assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / len(keys)))
 
 
+def test_rand_k_independent_draws_average_over_workers():
+    """shared=False: unbiased, with the variance (d/k - 1)/n^2 sum_i |x_i|^2 of n independent draws
+    (the shared draw: (d/k - 1)|mean x|^2), and the same under simulate and data_parallel."""
+    n, d, steps = 4, 40, 3000
+    x = jax.random.normal(jax.random.key(0), (n, d)) + 2.0  # the workers agree on a common part
+    xs = np.asarray(x, np.float64)
+
+    def draws(comp, runner):
+        tx = compressed_mean(comp, "data")
+
+        def run(g, state):
+            state, outs = jax.lax.scan(lambda s, _: tx.update(g, s)[::-1], state, None, length=steps)
+            return outs
+
+        return np.asarray(runner(run)(x, optdist.replicate(tx.init(jnp.zeros(d)), n)), np.float64)
+
+    mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+    expected = {
+        True: (d / 10 - 1) * np.sum(xs.mean(0) ** 2),
+        False: (d / 10 - 1) * np.sum(xs**2) / n**2,
+    }
+    for shared in (True, False):
+        comp = compression.rand_k(0.25, shared=shared)
+        out = draws(comp, optdist.simulate)
+        np.testing.assert_array_equal(out, out[:1].repeat(n, 0))  # every worker gets the same mean
+        dev = out[0] - xs.mean(0)
+        assert np.all(np.abs(dev.mean(0)) <= 5 * dev.std(0) / np.sqrt(steps)), shared
+        np.testing.assert_allclose(np.sum(dev**2, 1).mean(), expected[shared], rtol=0.1)
+        if not shared:
+            dp = draws(comp, lambda f: optdist.data_parallel(f, mesh, "data"))
+            np.testing.assert_allclose(dp, out, rtol=1e-6, atol=1e-6)
+    assert expected[False] < 0.5 * expected[True]  # the regime where independent draws pay
+
+
 def test_terngrad_clipping_is_biased_toward_zero():
     x = {"v": jnp.concatenate([jnp.full((1,), 50.0), jnp.ones((63,))])}
     keys = jax.random.split(jax.random.key(3), 512)
@@ -162,6 +196,7 @@ def _expected_bytes(name):
         "top_k": gather(20 * 4 + 20 * 4) + plain,
         "top_k_threshold": gather(20 * 4 + 20 * 4 + 4) + plain,
         "rand_k": ring(20 + 1, 4),  # summed values + the scalar, one buffer
+        "rand_k_independent": gather(20 * 4 + 8) + plain,  # own values + own 8-byte key
         "qsgd": gather(4 * 64 * 1 + 4 * 4) + plain,  # int8 levels (s=7), 4 buckets of 64, f32 norms
         "qsgd_int16": gather(4 * 64 * 2 + 4 * 4) + plain,
         "terngrad": gather(2 * 25 + 4) + plain,
@@ -177,6 +212,7 @@ COMPRESSORS = {
     "top_k": compression.top_k(0.1),
     "top_k_threshold": compression.top_k(0.1, "threshold"),
     "rand_k": compression.rand_k(0.1),
+    "rand_k_independent": compression.rand_k(0.1, shared=False),
     "qsgd": compression.qsgd(7, 64),
     "qsgd_int16": compression.qsgd(300, 64),
     "terngrad": compression.terngrad(),
@@ -227,6 +263,8 @@ def test_bad_arguments_are_named():
             compression.top_k(bad)
         with pytest.raises(ValueError, match="ratio"):
             compression.rand_k(bad)
+    with pytest.raises(TypeError, match="shared"):
+        compression.rand_k(0.1, shared="no")
     with pytest.raises(ValueError, match="method"):
         compression.top_k(0.1, method="approx")
     with pytest.raises(ValueError, match="levels"):
