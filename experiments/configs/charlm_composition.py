@@ -37,6 +37,16 @@ def get_config() -> ml_collections.ConfigDict:
     v.sparseloco_h30 = {"method": "sparseloco", "sync_every": 30, "density": 0.03}
     v.sparseloco_h100 = {"method": "sparseloco", "sync_every": 100, "density": 0.03}
     v.sparseloco_h50_d2 = {"method": "sparseloco", "sync_every": 50, "density": 0.02}
+    # H = 30 at half the density: ~1085x fewer bytes predicted (the payload is density x 14 bits).
+    v.sparseloco_h30_d15 = {"method": "sparseloco", "sync_every": 30, "density": 0.015}
+    # EF-under-Nesterov ablation (issue 14): SparseLoCo's codec (3% chunk top-k, 2-bit values, H = 30)
+    # under DiLoCo's outer Nesterov (0.7, 0.9) with plain EF, with SparseLoCo's decayed EF (beta 0.95),
+    # and without EF; sparseloco_h30 is the same codec with decayed EF and plain outer SGD (alpha 1).
+    # Hypothesis written before the runs: EF under Nesterov is worse than sparseloco_h30 (+1.95%).
+    sparse = {"method": "diloco_compressed", "sync_every": 30, "codec": "sparse", "density": 0.03}
+    v.diloco_h30_sparse_ef = {**sparse, "feedback": "ef"}
+    v.diloco_h30_sparse_decayed_ef = {**sparse, "feedback": "ef", "error_decay": 0.95}
+    v.diloco_h30_sparse_no_ef = {**sparse, "feedback": "none"}
     v.muloco_h100 = {"method": "muloco", "sync_every": 100}
     v.demo = {"method": "demo"}
     v.diloco_h100_int2_ef = {
@@ -55,6 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
             "sparseloco_h30",
             "sparseloco_h100",
             "sparseloco_h50_d2",
+            "sparseloco_h30_d15",
+            "diloco_h30_sparse_ef",
+            "diloco_h30_sparse_decayed_ef",
+            "diloco_h30_sparse_no_ef",
             "muloco_h100",
             "demo",
             "diloco_h100_int2_ef",
