@@ -295,7 +295,10 @@ def outer_loop(
         and the worker continues from the new anchor plus :math:`u_i` (the step's update, one
         step stale, is applied on top of the merged parameters instead of being lost). The first
         round's pseudo-gradient then spans ``H - 1`` inner steps, every later one ``H``. Checked on
-        the traced program (``tests/outer/test_overlap.py``).
+        the traced program and on the optimized HLO under ``data_parallel``
+        (``tests/outer/test_overlap.py``, :func:`optdist.comm.dependence.compiled_collective_dependence`):
+        combined with a per-step collective of the gradient, XLA's all-reduce combiner can merge the
+        two, and the merged one waits.
       sync_hook: extra statistics to exchange at sync (used by SCAFFOLD and
         the local adaptive methods).
 
