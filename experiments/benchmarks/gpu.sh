@@ -37,6 +37,7 @@ step 100 python3 -m experiments.benchmarks.kernels $S --out "$OUT/kernels.json"
 step 100 python3 -m experiments.benchmarks.shampoo_roots $S --out "$OUT/shampoo.json"
 step 80 python3 -m experiments.benchmarks.shampoo_step $S --out "$OUT/shampoo_lm.json"
 step 90 python3 -m experiments.benchmarks.compression_cost $S --out "$OUT/compression_cost.json"
+step 60 python3 -m experiments.benchmarks.overlap $S --out "$OUT/overlap.json"  # records a skip on one GPU
 if [ -n "${ALL:-}" ]; then  # the step-time benchmarks of the other families (about 3 more minutes)
   step 60 python3 -m experiments.benchmarks.compression $S --out "$OUT/compression.json"
   step 40 python3 -m experiments.benchmarks.outer_loop $S --out "$OUT/outer.json"
