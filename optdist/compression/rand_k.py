@@ -46,9 +46,9 @@ def rand_k(ratio: float, seed: int = 0, sampling: str = "stratified", shared: bo
     of the shared draws is :math:`C(\bar x)`, with variance :math:`(d/k - 1)\|\bar x\|^2`; the mean
     of independent draws has variance :math:`\frac{d/k - 1}{n^2} \sum_i \|x_i\|^2`, smaller when
     the workers' vectors agree. The payloads no longer sum: each worker's ``k`` values and its
-    8-byte key (receivers rebuild the sender's coordinates from it) are all-gathered,
-    ``(n-1)(k s + 8)`` bytes sent per worker and leaf, about ``n/2`` times the shared form's
-    all-reduce for the same ``k``.
+    key data (receivers rebuild the sender's coordinates from it; 8 bytes for the default threefry
+    keys) are all-gathered, ``(n-1)(k s + 8)`` bytes sent per worker and leaf, about ``n/2`` times
+    the shared form's all-reduce for the same ``k``.
 
     Args:
       ratio: fraction of coordinates kept, in (0, 1].
