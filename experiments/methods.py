@@ -645,6 +645,9 @@ def _streaming_compressed(config, o, axis_name):
         "density": 0.03,
         "chunk_size": 4096,
         "value_bits": 2,
+        "scale_size": 0,  # 0: one scale per chunk (the paper)
+        "indices": "own",  # "cyclic": one worker's positions per round (compressors.cyclic_top_k)
+        "values": "gathered",  # "summed": int8 codes all-reduced (needs indices="cyclic")
         "error_decay": 0.95,
         "outer_lr": 1.0,
     },
@@ -659,6 +662,9 @@ def _sparseloco(config, o, axis_name):
         density=o.density,
         chunk_size=o.chunk_size,
         value_bits=o.value_bits,
+        scale_size=o.scale_size or None,
+        indices=o.indices,
+        values=o.values,
         error_decay=o.error_decay,
         outer_lr=o.outer_lr,
         inner_weight_decay=0.0,

@@ -367,10 +367,15 @@ CONVERGE_OVERRIDES = {
         lambda ax: optax.chain(REGISTRY["shampoo[distributed roots]"].make(ax), optax.sgd(0.5)),
         4000,
     ),
-    # Rosenbrock is a 2-element leaf: top-k 30% and scaled sign send one coordinate's worth per step,
-    # rand_k 50% doubles one random coordinate (SGD 1e-3 with momentum diverges on it).
+    # Rosenbrock is a 2-element leaf: top-k 30% (own or cyclic indices) and scaled sign send one
+    # coordinate's worth per step, rand_k 50% doubles one random coordinate (SGD 1e-3 with momentum
+    # diverges on it).
     "compressed_mean[top_k+ef]": (
         lambda ax: optax.chain(REGISTRY["compressed_mean[top_k+ef]"].make(ax), SGD_M(3e-4)),
+        8000,
+    ),
+    "compressed_mean[cyclic_top_k+ef]": (
+        lambda ax: optax.chain(REGISTRY["compressed_mean[cyclic_top_k+ef]"].make(ax), SGD_M(3e-4)),
         8000,
     ),
     "compressed_mean[sign+econtrol]": (

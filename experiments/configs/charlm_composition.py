@@ -39,6 +39,21 @@ def get_config() -> ml_collections.ConfigDict:
     v.sparseloco_h50_d2 = {"method": "sparseloco", "sync_every": 50, "density": 0.02}
     # H = 30 at half the density: ~1085x fewer bytes predicted (the payload is density x 14 bits).
     v.sparseloco_h30_d15 = {"method": "sparseloco", "sync_every": 30, "density": 0.015}
+    # Session 7: small chunks make indices cheap (6 bits at 64 entries, 5 at 32) with one float32
+    # scale per 4096 entries shared by the chunks: 8.25 / 7.25 bits per kept value instead of 14.26,
+    # ~930x / ~1060x predicted at H = 30 and 3.125% density (k = 2 of 64, 1 of 32).
+    small = {"method": "sparseloco", "sync_every": 30, "density": 0.03, "scale_size": 4096}
+    v.sparseloco_h30_c64 = {**small, "chunk_size": 64}
+    v.sparseloco_h30_c32 = {**small, "chunk_size": 32}
+    # Cyclic indices (ScaleCom's CLT-k on SparseLoCo's codec): one worker's positions per round, sent
+    # once by a uint8 all-reduce; only values and scales are all-gathered. 35 instead of 98 bits per
+    # kept position at n = 8: ~1500x predicted at H = 30 / 3%, ~2200x at 2% (chunk 4096).
+    cyclic = {"method": "sparseloco", "sync_every": 30, "indices": "cyclic"}
+    v.sparseloco_h30_cyclic = {**cyclic, "density": 0.03}
+    v.sparseloco_h30_cyclic_d2 = {**cyclic, "density": 0.02}
+    # The same positions with the values summed: int8 codes -15..15 on a shared scale, all-reduced
+    # (14 bits per kept position at n = 8, as 2-bit values gathered, for 31 levels instead of 4).
+    v.sparseloco_h30_cyclic_summed = {**cyclic, "density": 0.03, "values": "summed"}
     # EF-under-Nesterov ablation (issue 14): SparseLoCo's codec (3% chunk top-k, 2-bit values, H = 30)
     # under DiLoCo's outer Nesterov (0.7, 0.9) with plain EF, with SparseLoCo's decayed EF (beta 0.95),
     # and without EF; sparseloco_h30 is the same codec with decayed EF and plain outer SGD (alpha 1).
@@ -66,6 +81,11 @@ def get_config() -> ml_collections.ConfigDict:
             "sparseloco_h100",
             "sparseloco_h50_d2",
             "sparseloco_h30_d15",
+            "sparseloco_h30_c64",
+            "sparseloco_h30_c32",
+            "sparseloco_h30_cyclic",
+            "sparseloco_h30_cyclic_d2",
+            "sparseloco_h30_cyclic_summed",
             "diloco_h30_sparse_ef",
             "diloco_h30_sparse_decayed_ef",
             "diloco_h30_sparse_no_ef",

@@ -16,7 +16,7 @@ from optdist.compression.base import Aggregate, Compressor, gathered, gathered_e
 from optdist.compression.bucketed import int8, scaled_sign, ternary
 from optdist.compression.cast import cast
 from optdist.compression.demo import demo
-from optdist.compression.low_bit import chunked_top_k, quantize
+from optdist.compression.low_bit import chunked_top_k, cyclic_top_k, quantize
 from optdist.compression.powersgd import PowerSGDState, powersgd
 from optdist.compression.qsgd import qsgd
 from optdist.compression.rand_k import rand_k
@@ -32,6 +32,7 @@ __all__ = [
     "PowerSGDState",
     "cast",
     "chunked_top_k",
+    "cyclic_top_k",
     "demo",
     "gathered",
     "gathered_ef",

@@ -8,7 +8,7 @@ import optax
 
 from optdist import _checks
 from optdist.comm.axes import AxisName
-from optdist.compression.low_bit import chunked_top_k, quantize
+from optdist.compression.low_bit import chunked_top_k, cyclic_top_k, quantize
 from optdist.feedback.compressed_mean import compressed
 from optdist.outer import _validate
 from optdist.outer.outer_loop import SyncEvery, outer_loop
@@ -22,6 +22,9 @@ def sparseloco(
     density: float = 0.03,
     chunk_size: int = 4096,
     value_bits: int = 2,
+    scale_size: int | None = None,
+    indices: str = "own",
+    values: str = "gathered",
     error_decay: float = 0.95,
     outer_lr: float = 1.0,
     inner_weight_decay: float = 0.1,
@@ -53,6 +56,13 @@ def sparseloco(
       density: kept fraction per chunk (paper: 1–3%).
       chunk_size: entries per chunk (paper: 4096, hence 12-bit indices).
       value_bits: bits per kept value (paper: 2).
+      scale_size: entries per float32 value scale, a multiple of ``chunk_size`` (default: one
+        scale per chunk, as in the paper); see :func:`optdist.compression.chunked_top_k`.
+      indices: ``"own"`` (each worker sends its own positions, the paper) or ``"cyclic"`` (one
+        worker's positions per round, in turn, sent once: :func:`optdist.compression.cyclic_top_k`;
+        an optdist extension, not in the paper).
+      values: with ``indices="cyclic"``, ``"gathered"`` (``value_bits`` codes, all-gathered) or
+        ``"summed"`` (int8 codes on a shared scale, all-reduced).
       error_decay: β (the accumulator's decay).
       outer_lr: α.
       inner_weight_decay: AdamW decoupled weight decay.
@@ -71,7 +81,14 @@ def sparseloco(
     inner_lr = _validate.learning_rate(inner_lr, "inner_lr")
     outer_lr = _validate.learning_rate(outer_lr, "outer_lr")
     inner_weight_decay = _checks.in_range(inner_weight_decay, "inner_weight_decay", 0.0, float("inf"))
-    codec = chunked_top_k(density, chunk_size, value_bits)
+    if indices not in ("own", "cyclic"):
+        raise ValueError(f"indices must be 'own' or 'cyclic'; got {indices!r}.")
+    if indices == "own" and values != "gathered":
+        raise ValueError(f"values={values!r} needs indices='cyclic' (own positions are gathered).")
+    if indices == "cyclic":
+        codec = cyclic_top_k(density, chunk_size, value_bits, scale_size=scale_size, values=values)
+    else:
+        codec = chunked_top_k(density, chunk_size, value_bits, scale_size=scale_size)
     aggregator = compressed(codec, feedback="ef", error_decay=error_decay)
     inner = optax.adamw(inner_lr, weight_decay=inner_weight_decay)
     return outer_loop(inner, optax.sgd(outer_lr), sync_every, axis_name, aggregator=aggregator, **kwargs)

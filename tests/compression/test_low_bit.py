@@ -114,6 +114,26 @@ def test_chunked_top_k_keeps_the_largest_per_chunk_with_12_bit_indices():
         np.testing.assert_allclose(dec[kept], row[kept], atol=np.abs(row).max() / 127 / 2 + 1e-6)
 
 
+def test_chunked_top_k_shares_one_scale_per_scale_group():
+    """Chunks of 8 (3-bit indices), one float32 scale per 32 entries: the 4 chunks of a group are
+    scaled by the group's largest kept magnitude; the last group is short (5 chunks)."""
+    x = jax.random.normal(jax.random.key(7), (40,))
+    comp = compressors.chunked_top_k(0.25, 8, value_bits=8, grid="symmetric", scale_size=32)
+    payload = jax.eval_shape(lambda: comp.codec.encode({"x": x}, jax.random.key(0)))[0]
+    assert payload["scale"].shape == (2,)
+    assert payload["indices"].shape == (math.ceil(5 * 2 * 3 / 8),)
+    _, local = _one_worker(comp, x)
+    rows = np.asarray(x, np.float64).reshape(5, 8)
+    keep = np.argsort(-np.abs(rows), axis=1)[:, :2]
+    kept = np.take_along_axis(rows, keep, axis=1)
+    s = np.repeat([np.abs(kept[:4]).max(), np.abs(kept[4:]).max()], [4, 1])[:, None]
+    want = np.zeros_like(rows)
+    np.put_along_axis(want, keep, np.round(kept / s * 127) / 127 * s, axis=1)
+    np.testing.assert_allclose(np.asarray(local), want.reshape(-1), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="scale_size"):
+        compressors.chunked_top_k(0.25, 8, scale_size=12)
+
+
 def test_sparseloco_aggregator_matches_float64_reference():
     """compressed(chunked_top_k, "ef", error_decay=β): e <- βe + Δ; send Q(TopK(e)); e <- e - sent."""
     beta, rounds = 0.9, 4
@@ -139,6 +159,66 @@ def test_sparseloco_aggregator_matches_float64_reference():
     np.testing.assert_allclose(np.asarray(state.aggregator.error["x"]), e, rtol=1e-5, atol=1e-5)
 
 
+def test_cyclic_top_k_with_decayed_ef_matches_float64_reference():
+    """Round t: the leader t mod n picks each chunk's top-k of its own p = βe + Δ; every worker sends
+    its p at those positions (8-bit symmetric, its own chunk scale); e <- p - sent. The indices
+    travel once (a uint8 all-reduce), the values and scales are all-gathered."""
+    beta, rounds, size = 0.9, 5, 16
+    comp = compressors.cyclic_top_k(0.25, 8, value_bits=8, grid="symmetric")
+    agg = optdist.aggregation.compressed(comp, feedback="ef", error_decay=beta)
+    tx = optdist.comm.as_transform(agg, "data")
+    deltas = jax.random.normal(jax.random.key(8), (rounds, N, size))
+    state = optdist.replicate(tx.init({"x": deltas[0, 0]}), N)
+    step = jax.jit(optdist.simulate(lambda g, s: tx.update({"x": g}, s)))
+    e = np.zeros((N, size))
+    for r in range(rounds):
+        out, state = step(deltas[r], state)
+        p = beta * e + np.asarray(deltas[r], np.float64)
+        sent = np.zeros_like(p)
+        for c in range(2):
+            cols = slice(8 * c, 8 * c + 8)
+            keep = np.argsort(-np.abs(p[r % N, cols]))[:2]
+            for i in range(N):
+                kept = p[i, cols][keep]
+                s = np.abs(kept).max()
+                sent[i, 8 * c + keep] = np.round(kept / s * 127) / 127 * s
+        e = p - sent
+        np.testing.assert_allclose(np.asarray(out["x"])[0], sent.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.aggregator.error["x"]), e, rtol=1e-5, atol=1e-5)
+    indices = jnp.zeros(math.ceil(2 * 2 * 3 / 8), jnp.uint8)  # 2 chunks x 2 kept x 3 bits
+    values_and_scales = 2 * 2 * 1 + 2 * 4
+    per_round = optdist.comm.accounting.all_reduce_bytes([indices], N) + (N - 1) * values_and_scales
+    np.testing.assert_array_equal(optdist.bytes_sent(state), [rounds * per_round] * N)
+
+
+def test_cyclic_top_k_with_summed_values_matches_float64_reference():
+    """values="summed": the leader's positions, one scale per chunk (the max over workers of the
+    chunk's largest magnitude), codes -L..L with L = 127 // n summed exactly by an int8 all-reduce."""
+    size, top = 16, 127 // N
+    comp = compressors.cyclic_top_k(0.25, 8, values="summed")
+    tx = optdist.comm.as_transform(optdist.aggregation.compressed(comp, feedback="ef"), "data")
+    deltas = jax.random.normal(jax.random.key(9), (3, N, size))
+    state = optdist.replicate(tx.init({"x": deltas[0, 0]}), N)
+    step = jax.jit(optdist.simulate(lambda g, s: tx.update({"x": g}, s)))
+    e = np.zeros((N, size))
+    for r in range(3):
+        out, state = step(deltas[r], state)
+        p = e + np.asarray(deltas[r], np.float64)
+        sent = np.zeros_like(p)
+        for c in range(2):
+            cols = slice(8 * c, 8 * c + 8)
+            keep = 8 * c + np.argsort(-np.abs(p[r % N, cols]))[:2]
+            s = np.abs(p[:, cols]).max()
+            sent[:, keep] = np.clip(np.floor(p[:, keep] / s * top + 0.5), -top, top) * s / top
+        e = p - sent
+        np.testing.assert_allclose(np.asarray(out["x"])[0], sent.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.aggregator.error["x"]), e, rtol=1e-5, atol=1e-5)
+    ring = optdist.comm.accounting.all_reduce_bytes
+    indices, scales, codes = jnp.zeros(2, jnp.uint8), jnp.zeros(2, jnp.float32), jnp.zeros(4, jnp.int8)
+    per_round = ring([indices], N) + ring([scales], N) + ring([codes], N)
+    np.testing.assert_array_equal(optdist.bytes_sent(state), [3 * per_round] * N)
+
+
 def test_bad_arguments_name_the_parameter():
     with pytest.raises(ValueError, match="bits"):
         compressors.quantize(3)
@@ -150,5 +230,9 @@ def test_bad_arguments_name_the_parameter():
         compressors.chunked_top_k(0.0)
     with pytest.raises(ValueError, match="rounding"):
         compressors.chunked_top_k(0.1, rounding="up")
+    with pytest.raises(ValueError, match="density"):
+        compressors.cyclic_top_k(1.5)
+    with pytest.raises(ValueError, match="values"):
+        compressors.cyclic_top_k(0.1, values="mean")
     with pytest.raises(ValueError, match="error_decay"):
         optdist.aggregation.compressed(compressors.top_k(0.1), feedback="ef21", error_decay=0.5)
