@@ -647,7 +647,8 @@ def _streaming_compressed(config, o, axis_name):
         "value_bits": 2,
         "scale_size": 0,  # 0: one scale per chunk (the paper)
         "indices": "own",  # "cyclic": one worker's positions per round (compressors.cyclic_top_k)
-        "values": "gathered",  # "summed": int8 codes all-reduced (needs indices="cyclic")
+        # "summed": int8 codes all-reduced (needs indices="cyclic"); not "values", a ConfigDict method
+        "value_exchange": "gathered",
         "error_decay": 0.95,
         "outer_lr": 1.0,
     },
@@ -664,7 +665,7 @@ def _sparseloco(config, o, axis_name):
         value_bits=o.value_bits,
         scale_size=o.scale_size or None,
         indices=o.indices,
-        values=o.values,
+        values=o.value_exchange,
         error_decay=o.error_decay,
         outer_lr=o.outer_lr,
         inner_weight_decay=0.0,

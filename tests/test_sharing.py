@@ -47,8 +47,10 @@ def flags(axes, tree):
 
 
 def assert_close(a, b):
+    # Two different programs (one shared copy vs a stacked copy per worker): a few float32 ulps apart
+    # (1.7e-6 relative on one entry at the suite's -O0).
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-5, atol=1e-7)
 
 
 def test_exact_mean_then_adam_holds_everything_once_and_matches_the_stacked_run():

@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     v.sparseloco_h30_cyclic_d2 = {**cyclic, "density": 0.02}
     # The same positions with the values summed: int8 codes -15..15 on a shared scale, all-reduced
     # (14 bits per kept position at n = 8, as 2-bit values gathered, for 31 levels instead of 4).
-    v.sparseloco_h30_cyclic_summed = {**cyclic, "density": 0.03, "values": "summed"}
+    v.sparseloco_h30_cyclic_summed = {**cyclic, "density": 0.03, "value_exchange": "summed"}
     # EF-under-Nesterov ablation (issue 14): SparseLoCo's codec (3% chunk top-k, 2-bit values, H = 30)
     # under DiLoCo's outer Nesterov (0.7, 0.9) with plain EF, with SparseLoCo's decayed EF (beta 0.95),
     # and without EF; sparseloco_h30 is the same codec with decayed EF and plain outer SGD (alpha 1).

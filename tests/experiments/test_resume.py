@@ -81,7 +81,7 @@ def test_resume_after_process_restart(tmp_path):
         "--config.eval_every=10",
         "--config.checkpoint_every=20",
     ]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ)  # the suite's XLA_FLAGS (8 devices, -O0): the in-process run's compiler
     subprocess.run(base + ["--config.steps=20"], cwd=ROOT, env=env, check=True, capture_output=True)
     subprocess.run(
         base + ["--config.steps=40", "--resume"], cwd=ROOT, env=env, check=True, capture_output=True
