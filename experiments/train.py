@@ -114,6 +114,8 @@ def validate(config, prefix: str = "config") -> None:
         for name in ("dim", "heads", "layers", "seq_len", "eval_windows"):
             if not _is_int(config[name]) or config[name] < 1:
                 _fail(f(name), config[name], "must be an integer >= 1", 64)
+        if config.corpus not in data_lib.CORPORA:
+            _fail(f("corpus"), config.corpus, f"choose one of {data_lib.CORPORA}", "stdlib")
     method, _ = methods.resolve(config.method)
     if method.name == "robust" and 2 * config.num_byzantine >= config.num_workers:
         _fail(
@@ -136,7 +138,8 @@ class Task:
 
     def __init__(self, config):
         self.config = config
-        self.dataset = data_lib.load(config.dataset, config.seed)
+        corpus = {"corpus": config.corpus} if config.dataset == "charlm" else {}
+        self.dataset = data_lib.load(config.dataset, config.seed, **corpus)
         self.params, self.apply_fn = models.build(config, self.dataset.num_classes, config.seed)
         ds, w = self.dataset, config.num_workers
         self.is_lm = ds.y_train is None

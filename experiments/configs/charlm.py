@@ -9,6 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = default.get_config()
     del c.hidden, c.classes_per_worker  # digits-only fields
     c.dataset = "charlm"
+    c.corpus = "files"  # 16 fixed stdlib files (400k chars); "stdlib": the whole library (~10M)
     c.model = "transformer"
     c.dim = 64
     c.heads = 4

@@ -36,6 +36,17 @@ def test_corpus_is_deterministic_and_ascii():
     assert ds.x_train.max() < data.VOCAB_SIZE
 
 
+def test_the_whole_stdlib_corpus_skips_tests_and_holds_the_default_files():
+    import sysconfig
+
+    files = data._stdlib_tree(sysconfig.get_paths()["stdlib"])
+    assert set(data.STDLIB_FILES) <= set(files)
+    assert not [f for f in files if set(f.split("/")[:-1]) & data._SKIPPED_DIRS]
+    assert len(files) > 20 * len(data.STDLIB_FILES)
+    with pytest.raises(ValueError, match="corpus"):
+        data.stdlib_corpus(100, corpus="web")
+
+
 def test_partitions():
     ds = data.load_digits()
     iid = data.partition(len(ds.x_train), 8, seed=0)
