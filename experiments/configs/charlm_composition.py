@@ -3,10 +3,14 @@
 python -m experiments.compare --config=experiments/configs/charlm_composition.py
 python -m experiments.pareto runs/charlm_composition    # the bytes table (two networks) + Pareto plot
 
-The 6000-step table of BENCHMARKS.md (where SparseLoCo reaches >= 1000x within 2%):
+The 6000-step table of BENCHMARKS.md (SparseLoCo >= 1000x within 2%, at data parallel's overfitting floor):
 python -m experiments.compare --config=experiments/configs/charlm_composition.py \
     --config.methods=exact_mean,diloco_h30,sparseloco_h30_d15,sparseloco_h30_c32 \
     --config.base.steps=6000 --workdir=runs/charlm_composition_6k
+and its control off the overfitting floor (the whole standard library as corpus, 3000 steps):
+python -m experiments.compare --config=experiments/configs/charlm_composition.py \
+    --config.methods=exact_mean,sparseloco_h30,sparseloco_h30_d15,sparseloco_h30_c32 \
+    --config.base.corpus=stdlib --workdir=runs/charlm_composition_stdlib
 
 Every method trains the same model on the same tokens for the same number of steps; only the
 communication differs. ``exact_mean`` is synchronous data-parallel AdamW (lr 3e-3, the best of
