@@ -406,6 +406,11 @@ def _summed_values(layout, chunks, kept, keys, channel):
     group's largest magnitude), ``L = floor(127 / n)`` levels a side so that the int8 all-reduce of
     the codes is exact: (means, locals)."""
     n = channel.size
+    if n > 127:
+        raise ValueError(
+            f"values='summed' sums int8 codes, so it needs at most 127 workers; got {n}: "
+            "use values='gathered'."
+        )
     top = 127 // n
     largest = [layout.group_max(jnp.max(jnp.abs(c), axis=1)) for c in chunks]
     scales = channel.pmax(largest)

@@ -234,5 +234,9 @@ def test_bad_arguments_name_the_parameter():
         compressors.cyclic_top_k(1.5)
     with pytest.raises(ValueError, match="values"):
         compressors.cyclic_top_k(0.1, values="mean")
+    summed = compressors.cyclic_top_k(0.5, 4, values="summed")
+    x = jnp.ones((128, 8))
+    with pytest.raises(ValueError, match="127 workers"):  # the int8 sum of 128 codes could overflow
+        optdist.simulate(lambda v: summed.aggregate({"x": v}, (), jax.random.key(0), 0, Channel("data")))(x)
     with pytest.raises(ValueError, match="error_decay"):
         optdist.aggregation.compressed(compressors.top_k(0.1), feedback="ef21", error_decay=0.5)
