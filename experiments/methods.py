@@ -569,7 +569,7 @@ preset(
 # --------------------------------------------------------------------------- #
 # Compressed outer syncs (issue 14): low-bit and sparse pseudo-gradients.
 
-CODECS = ("none", "int8", "int8_6sigma", "fp4", "int2", "sparse")
+CODECS = ("none", "int8", "int8_summed", "int4_summed", "int8_6sigma", "fp4", "int2", "sparse")
 SYNC_CODEC = {
     "codec": "int8",  # one of CODECS
     "feedback": "none",  # "none" or "ef" (error feedback on the pseudo-gradients)
@@ -587,6 +587,9 @@ def _sync_aggregator(o):
     q = optdist.compressors
     codecs = {
         "int8": lambda: q.quantize(8, chunk_size=o.chunk_size),
+        # codes on shared chunk scales, all-reduced as integers (2(n-1)/n x the payload, not n-1)
+        "int8_summed": lambda: q.quantize(8, chunk_size=o.chunk_size, exchange="summed"),
+        "int4_summed": lambda: q.quantize(4, chunk_size=o.chunk_size, exchange="summed"),
         "int8_6sigma": lambda: q.quantize(8, scale="sigma", sigmas=6.0),
         "fp4": lambda: q.quantize(4, "e2m1", chunk_size=o.chunk_size),
         "int2": lambda: q.quantize(2, chunk_size=o.chunk_size),

@@ -36,6 +36,7 @@ from optdist.compression.base import (
     Compressor,
     flatten_floating,
     gathered,
+    is_compressible,
     leaf_keys,
     mean_over_workers,
     pack_bits,
@@ -121,6 +122,7 @@ def quantize(
     scale: str = "max",
     sigmas: float = 6.0,
     rounding: str = "stochastic",
+    exchange: str = "gathered",
 ) -> Compressor:
     r"""Chunk-scaled low-bit quantization (INTELLECT-1's int8, Streaming DiLoCo's FP4, 2-bit).
 
@@ -133,7 +135,23 @@ def quantize(
     .. math:: C(x)_j = s_c\, \ell_{q_j}, \qquad \mathbb{E}[C(x)] = x \ \text{(stochastic, no clipping)}
 
     Payload per leaf of ``d`` entries: ``ceil(d b / 8)`` bytes of packed codes plus one float32 scale
-    per chunk; all-gathered, so a worker sends ``(n - 1)`` times that.
+    per chunk; all-gathered, so a worker sends ``(n - 1)`` times that. At ``n = 8`` int8 gathered
+    costs what the float32 ring all-reduce costs (``7 · 1`` vs ``2 · 7/8 · 4`` bytes per entry).
+
+    ``exchange="summed"`` all-reduces the codes instead, so a worker sends ``2(n - 1)/n`` times the
+    packed payload (int8 at ``n = 8``: 4x fewer bytes than the float32 all-reduce). Every chunk's
+    scale is shared, :math:`s_c = \max_i s_{i,c}` (one float32 ``pmax`` per chunk, issued first),
+    and every worker rounds to the ``M + 1`` evenly spaced levels :math:`s_c(2u/M - 1)`,
+    :math:`u \in \{0..M\}`, with :math:`M = \lfloor (2^b - 1) / n \rfloor` (31 at 8 bits and
+    ``n = 8``; the grid is always uniform). The packed codes are a sum of ``b``-bit fields,
+    :math:`\sum_j u_j 2^{bj}`, so the integer all-reduce of the packed bytes is the packed sum
+    :math:`U = \sum_i u_i \le nM < 2^b` with no carry between fields, and
+
+    .. math:: \frac1n \sum_i C_i(x_i)_j = s_c \Big(\frac{2 U_j}{n M} - 1\Big),
+
+    exact (no re-quantization on the way, unlike a ring that re-encodes partial sums). Unbiased
+    with stochastic rounding (the shared scale bounds every worker's entries). Needs
+    ``n <= 2^b - 1``; more workers raise.
 
     Args:
       bits: 2, 4 or 8.
@@ -143,26 +161,39 @@ def quantize(
       scale: ``"max"`` (per chunk, unbiased with stochastic rounding) or ``"sigma"`` (per leaf).
       sigmas: the range in standard deviations for ``scale="sigma"``.
       rounding: ``"stochastic"`` (per-worker keys) or ``"nearest"``.
+      exchange: ``"gathered"`` (each worker's codes and scales, all-gathered) or ``"summed"`` (codes
+        on shared scales, all-reduced; ``grid`` must be None or ``"uniform"``).
 
     Returns:
       A :class:`~optdist.compression.Compressor`.
 
     References:
-      Jaghouar et al., "INTELLECT-1 Technical Report", 2024 (int8 pseudo-gradients).
+      Jaghouar et al., "INTELLECT-1 Technical Report", 2024 (int8 pseudo-gradients, all-reduced).
       Douillard et al., "Streaming DiLoCo with overlapping communication", 2025 (4-bit E2M1).
     """
-    grid = _validate_codec(bits, grid, chunk_size, rounding)
+    if exchange not in ("gathered", "summed"):
+        raise ValueError(f"exchange must be 'gathered' or 'summed'; got {exchange!r}.")
+    if exchange == "summed" and grid not in (None, "uniform"):
+        raise ValueError(
+            f"exchange='summed' sums codes on a uniform grid; got grid={grid!r}: pass grid=None."
+        )
+    grid = _validate_codec(bits, "uniform" if exchange == "summed" else grid, chunk_size, rounding)
     if scale not in ("max", "sigma"):
         raise ValueError(f"scale must be 'max' or 'sigma'; got {scale!r}.")
     sigmas = _checks.in_range(sigmas, "sigmas", 0.0, float("inf"), low_open=True, high_open=True)
     levels = grid_levels(bits, grid)
 
+    def chunk_scales(x, rows):
+        if scale == "max":
+            return jnp.max(jnp.abs(rows), axis=1)
+        return jnp.full((rows.shape[0],), sigmas * jnp.std(x), x.dtype)
+
+    if exchange == "summed":
+        return _summed_quantizer(bits, chunk_size, scale, rounding, chunk_scales)
+
     def encode(x, key):
         rows = _chunks(x, chunk_size)
-        if scale == "max":
-            s = jnp.max(jnp.abs(rows), axis=1)
-        else:
-            s = jnp.full((rows.shape[0],), sigmas * jnp.std(x), x.dtype)
+        s = chunk_scales(x, rows)
         y = rows / jnp.where(s > 0, s, 1.0)[:, None]
         codes = _round_to_grid(y, levels, key if rounding == "stochastic" else None)
         codes = codes.reshape(-1)[: x.size]  # the last chunk's padding is not sent
@@ -177,6 +208,60 @@ def quantize(
 
     name = f"quantize({bits}, {grid}, chunk={chunk_size}, {scale}, {rounding})"
     return gathered(name, encode, decode)
+
+
+def _summed_quantizer(bits, chunk_size, scale, rounding, chunk_scales) -> Compressor:
+    """:func:`quantize` with ``exchange="summed"`` (see its docstring): shared scales by ``pmax``,
+    unsigned ``bits``-bit codes whose packed bytes one integer all-reduce sums exactly."""
+    name = f"quantize({bits}, uniform, chunk={chunk_size}, {scale}, {rounding}, summed)"
+
+    def compressible(leaf):
+        rows, _ = _chunk_shape(leaf.size, chunk_size)
+        return is_compressible(leaf, math.ceil(leaf.size * bits / 8) + 4 * rows, 1.0)
+
+    def aggregate(x, state, key, step, channel):
+        del step
+        n = channel.size
+        top = (2**bits - 1) // n
+        if top < 1:
+            raise ValueError(
+                f"exchange='summed' adds {n} workers' {bits}-bit codes, which needs n <= {2**bits - 1}: "
+                "use more bits or exchange='gathered'."
+            )
+        leaves, treedef = flatten_floating(x, name)
+        keys = [private_key(k, channel) for k in leaf_keys(key, len(leaves))]
+        chosen = [i for i, leaf in enumerate(leaves) if compressible(leaf)]
+        flats = [leaves[i].reshape(-1).astype(compute_dtype(leaves[i].dtype)) for i in chosen]
+        rows = [_chunks(f, chunk_size) for f in flats]
+        scales = packed(channel.pmax, [chunk_scales(f, r).astype(jnp.float32) for f, r in zip(flats, rows)])
+        codes, local_leaves = [], list(leaves)
+        for j, i in enumerate(chosen):
+            s = scales[j][:, None]
+            u = (jnp.clip(rows[j] / jnp.where(s > 0, s, 1.0), -1.0, 1.0) + 1.0) * (top / 2)
+            noise = 0.5 if rounding == "nearest" else jax.random.uniform(keys[i], u.shape, u.dtype)
+            u = jnp.clip(jnp.floor(u + noise), 0, top).astype(jnp.int32)
+            codes.append(pack_codes(u.reshape(-1)[: flats[j].size], bits))
+            local_leaves[i] = restore(leaves[i], _decode_summed(u, s, top, 1, flats[j].size))
+        sums = packed(channel.psum, codes)
+        mean_leaves = list(leaves)
+        for j, i in enumerate(chosen):
+            size = flats[j].size
+            total = jnp.pad(unpack_codes(sums[j], size, bits), (0, rows[j].size - size)).reshape(
+                rows[j].shape
+            )
+            mean_leaves[i] = restore(leaves[i], _decode_summed(total, scales[j][:, None], top, n, size))
+        plain = [i for i in range(len(leaves)) if i not in chosen]
+        for i, m in zip(plain, packed(channel.pmean, [leaves[i] for i in plain]) if plain else []):
+            mean_leaves[i] = m
+        unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)  # noqa: E731
+        return Aggregate(unflat(mean_leaves), unflat(local_leaves), state)
+
+    return Compressor(lambda params: (), aggregate, name)
+
+
+def _decode_summed(total, s, top, n, size):
+    """``s (2 U / (n M) - 1)`` for the summed codes ``U [rows, width]`` of ``n`` workers, flat."""
+    return (s * (total.astype(jnp.float32) * (2.0 / (n * top)) - 1.0)).reshape(-1)[:size]
 
 
 class _ChunkTopK:

@@ -219,6 +219,63 @@ def test_cyclic_top_k_with_summed_values_matches_float64_reference():
     np.testing.assert_array_equal(optdist.bytes_sent(state), [3 * per_round] * N)
 
 
+def _summed_reference(x, bits, chunk, noise):
+    """float64 :func:`quantize` with exchange="summed": shared chunk scales (max over workers),
+    unsigned codes u = floor((x / s + 1) M / 2 + noise), M = (2^b - 1) // n,
+    mean s (2 sum_i u / (n M) - 1)."""
+    n, d = x.shape
+    top = (2**bits - 1) // n
+    rows = -(-d // chunk)
+    pad = np.zeros((n, rows * chunk))
+    pad[:, :d] = x
+    s = np.abs(pad.reshape(n, rows, chunk)).max(axis=(0, 2)).repeat(chunk)[:d]
+    u = np.clip(np.floor((x / s + 1.0) * top / 2 + noise), 0, top)
+    return s * (2 * u / top - 1), s * (2 * u.sum(0) / (n * top) - 1)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_summed_quantize_matches_float64_reference_and_counts_the_integer_all_reduce(bits):
+    n, d, chunk = (N, 40, 16) if bits == 8 else (3, 40, 16)
+    comp = compressors.quantize(bits, chunk_size=chunk, rounding="nearest", exchange="summed")
+    x = jax.random.normal(jax.random.key(11), (n, d))
+    tx = optdist.compressed_mean(comp, "data")
+    state = optdist.replicate(tx.init({"x": x[0], "b": x[0, 0]}), n)
+    out, state = jax.jit(optdist.simulate(lambda g, b, s: tx.update({"x": g, "b": b}, s)))(x, x[:, 0], state)
+    local, mean = _summed_reference(np.asarray(x, np.float64), bits, chunk, 0.5)
+    np.testing.assert_allclose(np.asarray(out["x"])[0], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out["b"])[0], np.asarray(x[:, 0]).mean(), rtol=1e-6
+    )  # a scalar: plain
+    agg = jax.jit(
+        optdist.simulate(lambda v: comp.aggregate({"x": v}, (), jax.random.key(0), 0, Channel("data")))
+    )(x)
+    np.testing.assert_allclose(np.asarray(agg.local["x"]), local, rtol=1e-5, atol=1e-6)
+    ring = optdist.comm.accounting.all_reduce_bytes
+    codes = jnp.zeros(math.ceil(d * bits / 8), jnp.uint8)  # the packed codes, summed as bytes
+    scales = jnp.zeros(-(-d // chunk), jnp.float32)
+    expected = ring([codes], n) + ring([scales], n) + ring([jnp.zeros((), jnp.float32)], n)
+    np.testing.assert_array_equal(optdist.bytes_sent(state), [expected] * n)
+
+
+def test_summed_quantize_is_unbiased_and_int8_sends_a_quarter_of_the_float32_all_reduce():
+    comp = compressors.quantize(8, chunk_size=16, exchange="summed")
+    x = jax.random.normal(jax.random.key(12), (N, 64))
+    run = optdist.simulate(lambda v, k: comp.aggregate({"x": v}, (), k, 0, Channel("data")).mean["x"])
+    trials = 3000
+    keys = jax.random.split(jax.random.key(13), trials)
+    samples = np.asarray(jax.jit(jax.vmap(lambda k: run(x, jnp.broadcast_to(k, (N,)))[0]))(keys), np.float64)
+    mean, se = samples.mean(0), samples.std(0) / np.sqrt(trials)
+    assert np.all(np.abs(mean - np.asarray(x, np.float64).mean(0)) <= 5 * se + 1e-6)
+    assert samples.std(0).max() > 0
+    big = {"w": jnp.ones((4096,))}
+    for exchange, ratio in (("summed", 4.0), ("gathered", 1.0)):
+        tx = optdist.compressed_mean(compressors.quantize(8, chunk_size=4096, exchange=exchange), "data")
+        state = optdist.replicate(tx.init(big), 8)
+        _, state = optdist.simulate(lambda g, s, tx=tx: tx.update(g, s))(optdist.replicate(big, 8), state)
+        exact = optdist.comm.accounting.all_reduce_bytes([big["w"]], 8)
+        assert exact / int(optdist.bytes_sent(state)[0]) == pytest.approx(ratio, rel=0.01)
+
+
 def test_bad_arguments_name_the_parameter():
     with pytest.raises(ValueError, match="bits"):
         compressors.quantize(3)
@@ -238,5 +295,14 @@ def test_bad_arguments_name_the_parameter():
     x = jnp.ones((128, 8))
     with pytest.raises(ValueError, match="127 workers"):  # the int8 sum of 128 codes could overflow
         optdist.simulate(lambda v: summed.aggregate({"x": v}, (), jax.random.key(0), 0, Channel("data")))(x)
+    with pytest.raises(ValueError, match="exchange"):
+        compressors.quantize(8, exchange="reduced")
+    with pytest.raises(ValueError, match="grid=None"):
+        compressors.quantize(4, "e2m1", exchange="summed")
+    summed4 = compressors.quantize(4, exchange="summed")
+    with pytest.raises(ValueError, match="n <= 15"):  # 16 workers' 4-bit codes could carry
+        optdist.simulate(lambda v: summed4.aggregate({"x": v}, (), jax.random.key(0), 0, Channel("data")))(
+            jnp.ones((16, 8))
+        )
     with pytest.raises(ValueError, match="error_decay"):
         optdist.aggregation.compressed(compressors.top_k(0.1), feedback="ef21", error_decay=0.5)
