@@ -72,6 +72,14 @@ def method(name, config):
     if name in ("masha1", "masha1_independent"):  # rand-k drawn once for all workers, or per worker
         rand_k = compressors.rand_k(config.ratio, shared=name == "masha1")
         return minmax.masha1(config.masha_lr, rand_k, ax, tau=tau), 1, False
+    if name in ("masha1_int8", "masha2_int8"):
+        # int8 codes on a shared scale, all-reduced (a quarter of the float32 all-reduce's bytes):
+        # stochastic rounding (unbiased) for MASHA1, nearest (biased, with MASHA2's error feedback).
+        masha, rounding = (
+            (minmax.masha1, "stochastic") if name == "masha1_int8" else (minmax.masha2, "nearest")
+        )
+        int8 = compressors.quantize(8, rounding=rounding, exchange="summed")
+        return masha(config.masha_int8_lr, int8, ax, tau=config.masha_int8_tau), 1, False
     if name == "masha2":
         return minmax.masha2(config.masha_lr, compressors.top_k(config.ratio), ax, tau=tau), 1, False
     if name == "local_gda":

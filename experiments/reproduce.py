@@ -218,6 +218,11 @@ NOTES: dict[str, str] = {
     "included), and rand-k shares one seed across workers (summable, so averaging over workers does not "
     "reduce its variance), so MASHA needs 4-5x EG's calls and its compressed calls do not save enough. "
     "Not tried: an independent-per-worker rand-k sent by all-gather, bidirectional compression.",
+    "masha_int8_bytes_to_eps": "Known before the run: the compressor, the step 0.55 and tau 0.5 are the "
+    "best of a sweep on this game (BENCHMARKS.md), as extragradient's step 0.6 is the best of its own sweep "
+    "(0.3-0.9). What pays is the exchange, not MASHA's compressor class: int8 codes on a shared scale are "
+    "summed by the ring all-reduce (1.75 bytes per entry at n = 8 against float32's 7), while rand-k "
+    "gathered or top-k gathered cost (n - 1) x their payload.",
     "upgrad": "Both conflicts are 8 x 6 Jacobians (more objectives than dimensions) whose rows are in no "
     "half-space, so the dual cone {y: J y >= 0} is {0} and the exact UPGrad output is 0 (the float64 "
     "active-set reference of tests/jacobian/test_upgrad.py gives |A| ~ 1e-13 on both); the library's "

@@ -21,10 +21,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.epsilon = 1e-4  # relative distance to the saddle for the bytes-to-epsilon column
     # name -> step size; compressed methods also take ratio (kept fraction) and tau = 1 - ratio.
     # local_gda (GDA between syncs) diverges on the pure bilinear game: add it with reg > 0.
-    c.methods = "gda,extragradient,past_extragradient,optimistic_gradient,reflected_gradient,masha1,masha2"
+    c.methods = (
+        "gda,extragradient,past_extragradient,optimistic_gradient,reflected_gradient,masha1,masha2,"
+        "masha1_int8,masha2_int8"
+    )
     c.learning_rate = 0.2
-    c.extragradient_lr = 0.5
+    c.extragradient_lr = 0.6  # the best of 0.3-0.9 (0.65 slower, 0.7 diverges)
     c.masha_lr = 0.2
     c.ratio = 0.25
+    # masha1_int8 / masha2_int8: int8 codes on a shared scale, all-reduced (quantize(8,
+    # exchange="summed")); step and tau the best of BENCHMARKS.md's sweep (step 0.3-0.6, tau 0.3-0.9).
+    c.masha_int8_lr = 0.55
+    c.masha_int8_tau = 0.5
     c.local_gda_h = 4
     return c
