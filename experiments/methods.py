@@ -569,7 +569,18 @@ preset(
 # --------------------------------------------------------------------------- #
 # Compressed outer syncs (issue 14): low-bit and sparse pseudo-gradients.
 
-CODECS = ("none", "int8", "int8_summed", "int4_summed", "int8_6sigma", "fp4", "int2", "sparse")
+CODECS = (
+    "none",
+    "int8",
+    "int8_summed",
+    "int4_summed",
+    "fp4_requantized",
+    "int4_requantized",
+    "int8_6sigma",
+    "fp4",
+    "int2",
+    "sparse",
+)
 SYNC_CODEC = {
     "codec": "int8",  # one of CODECS
     "feedback": "none",  # "none" or "ef" (error feedback on the pseudo-gradients)
@@ -577,6 +588,7 @@ SYNC_CODEC = {
     "density": 0.03,  # codec="sparse": kept fraction per chunk
     "value_bits": 2,  # codec="sparse": bits per kept value
     "chunk_size": 4096,  # entries per scale (and per top-k chunk)
+    "rounding": "stochastic",  # the quantize codecs' rounding ("stochastic" or "nearest")
 }
 
 
@@ -585,14 +597,18 @@ def _sync_aggregator(o):
     if o.codec not in CODECS:
         raise ValueError(f"codec={o.codec!r}: choose one of {CODECS}.")
     q = optdist.compressors
+    quant = {"chunk_size": o.chunk_size, "rounding": o.rounding}
     codecs = {
-        "int8": lambda: q.quantize(8, chunk_size=o.chunk_size),
+        "int8": lambda: q.quantize(8, **quant),
         # codes on shared chunk scales, all-reduced as integers (2(n-1)/n x the payload, not n-1)
-        "int8_summed": lambda: q.quantize(8, chunk_size=o.chunk_size, exchange="summed"),
-        "int4_summed": lambda: q.quantize(4, chunk_size=o.chunk_size, exchange="summed"),
-        "int8_6sigma": lambda: q.quantize(8, scale="sigma", sigmas=6.0),
-        "fp4": lambda: q.quantize(4, "e2m1", chunk_size=o.chunk_size),
-        "int2": lambda: q.quantize(2, chunk_size=o.chunk_size),
+        "int8_summed": lambda: q.quantize(8, **quant, exchange="summed"),
+        "int4_summed": lambda: q.quantize(4, **quant, exchange="summed"),
+        # a quantized reduce-scatter + all-gather (2(n-1)/n x the payload; the mean re-encoded once)
+        "fp4_requantized": lambda: q.quantize(4, "e2m1", **quant, exchange="requantized"),
+        "int4_requantized": lambda: q.quantize(4, **quant, exchange="requantized"),
+        "int8_6sigma": lambda: q.quantize(8, scale="sigma", sigmas=6.0, rounding=o.rounding),
+        "fp4": lambda: q.quantize(4, "e2m1", **quant),
+        "int2": lambda: q.quantize(2, **quant),
         "sparse": lambda: q.chunked_top_k(o.density, o.chunk_size, o.value_bits),
     }
     if o.codec == "none":

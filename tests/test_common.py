@@ -98,6 +98,11 @@ REGISTRY = {
             compressors.quantize(8, chunk_size=4, exchange="summed"), ax, feedback="ef"
         )
     ),
+    "compressed_mean[quantize requantized+ef]": Entry(
+        lambda ax: optdist.compressed_mean(
+            compressors.quantize(4, "e2m1", chunk_size=4, exchange="requantized"), ax, feedback="ef"
+        )
+    ),
     "compressed_mean[rand_k]": Entry(lambda ax: optdist.compressed_mean(compressors.rand_k(0.5), ax)),
     "compressed_mean[demo]": Entry(lambda ax: optdist.compressed_mean(compressors.demo(4, 2), ax)),
     "compressed_mean[fp16]": Entry(lambda ax: optdist.compressed_mean(compressors.cast(jnp.float16), ax)),

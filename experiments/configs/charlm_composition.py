@@ -42,6 +42,13 @@ def get_config() -> ml_collections.ConfigDict:
     v.diloco_h100_int8_summed = {**summed, "sync_every": 100}
     v.diloco_h250_int8_summed = {**summed, "sync_every": 250}
     v.diloco_h250 = {"method": "diloco", "sync_every": 250, "inner_weight_decay": 0.0}
+    v.diloco_h300_int8_summed = {**summed, "sync_every": 300, "chunk_size": 512}
+    # A quantized reduce-scatter + all-gather (quantize(exchange="requantized")): FP4 E2M1 with a scale
+    # per 128 entries (4.25 bits an entry), nearest rounding, the mean re-encoded once by its shard's
+    # owner: ~7.5x fewer bytes than the float32 all-reduce per sync, ~1090x at H = 150.
+    requant = {"method": "diloco_compressed", "codec": "fp4_requantized", "feedback": "none"}
+    v.diloco_h150_fp4_requantized = {**requant, "sync_every": 150, "chunk_size": 128, "rounding": "nearest"}
+    v.diloco_h150 = {"method": "diloco", "sync_every": 150, "inner_weight_decay": 0.0}
     v.streaming_h100_fp4 = {
         "method": "streaming_diloco_compressed",
         "sync_every": 100,
@@ -95,6 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
             "diloco_h100_int8_summed",
             "diloco_h250_int8_summed",
             "diloco_h250",
+            "diloco_h300_int8_summed",
+            "diloco_h150_fp4_requantized",
+            "diloco_h150",
             "streaming_h100_fp4",
             "sparseloco_h30",
             "sparseloco_h100",

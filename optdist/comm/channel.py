@@ -217,6 +217,33 @@ class Channel:
             return jax.tree_util.tree_map(lambda x: x[None], tree)
         return self._issue(_gather_row_major, tree, accounting.all_gather_bytes(tree, self.size))
 
+    def all_to_all(self, tree: Any) -> Any:
+        """Row ``j`` of every leaf to worker ``j``: leaves are ``[n, ...]`` (one row per destination)
+        and come back ``[n, ...]`` with row ``i`` from worker ``i`` (``lax.all_to_all``). A worker
+        sends the ``n - 1`` rows that are not its own.
+
+        One worker axis only (a tuple of several axes raises: run one worker per device or simulate).
+        """
+        if not self._axes:
+            return tree
+        for x in jax.tree_util.tree_leaves(tree):
+            if not x.shape or x.shape[0] != self.size:
+                raise ValueError(
+                    f"all_to_all needs leaves with a leading axis of size n = {self.size} (one row per "
+                    f"destination); got shape {tuple(x.shape)}."
+                )
+        if len(self._axes) > 1:
+            raise ValueError(
+                f"all_to_all over several axes {self._axes} is not supported; use one worker axis "
+                "(one worker per device, or simulated workers only)."
+            )
+        rows = sum(accounting.payload_bytes(x) // self.size for x in jax.tree_util.tree_leaves(tree))
+
+        def exchange(t, axes):
+            return jax.tree_util.tree_map(lambda x: lax.all_to_all(x, axes[0], 0, 0), t)
+
+        return self._issue(exchange, tree, (self.size - 1) * rows)
+
     def ppermute(self, tree: Any, perm: Sequence[tuple[int, int]]) -> Any:
         """Sends ``tree`` along ``perm`` (pairs ``(source, destination)``).
 

@@ -153,6 +153,22 @@ def quantize(
     with stochastic rounding (the shared scale bounds every worker's entries). Needs
     ``n <= 2^b - 1``; more workers raise.
 
+    ``exchange="requantized"`` keeps every worker's full ``b``-bit grid and pays one re-encoding of
+    the mean instead: a quantized reduce-scatter then a quantized all-gather (the two halves of a
+    ring all-reduce, each in ``b`` bits). Each leaf is cut into ``n`` shards (zero-padded to a
+    multiple of ``n`` entries); every worker encodes its shards as above (chunk scales of its own)
+    and sends shard ``j`` to worker ``j`` (one ``all_to_all``), worker ``j`` decodes the ``n``
+    encodings of its shard in float32, averages them and encodes that mean once more; the encoded
+    mean shards are all-gathered and decoded:
+
+    .. math:: \hat m = \big[\, C\big(\tfrac1n \textstyle\sum_i C_i(x_{i,j})\big) \,\big]_{j=1..n},
+              \qquad \mathbb{E}[\hat m] = \tfrac1n \textstyle\sum_i x_i \ \text{(stochastic)}
+
+    A worker sends ``2(n - 1)/n`` times its encoded leaf (``n - 1`` shards in each half), as the
+    summed exchange does, with any ``grid`` and any ``n``. ``local`` (what error feedback subtracts)
+    is the worker's own first-stage encoding; the second rounding is not fed back. INTELLECT-1's
+    int8 all-reduce re-encodes at every ring hop; this re-encodes once.
+
     Args:
       bits: 2, 4 or 8.
       grid: ``"symmetric"``, ``"uniform"`` or ``"e2m1"`` (4 bits); default ``"uniform"`` for 2 bits,
@@ -161,8 +177,9 @@ def quantize(
       scale: ``"max"`` (per chunk, unbiased with stochastic rounding) or ``"sigma"`` (per leaf).
       sigmas: the range in standard deviations for ``scale="sigma"``.
       rounding: ``"stochastic"`` (per-worker keys) or ``"nearest"``.
-      exchange: ``"gathered"`` (each worker's codes and scales, all-gathered) or ``"summed"`` (codes
-        on shared scales, all-reduced; ``grid`` must be None or ``"uniform"``).
+      exchange: ``"gathered"`` (each worker's codes and scales, all-gathered), ``"summed"`` (codes
+        on shared scales, all-reduced; ``grid`` must be None or ``"uniform"``) or ``"requantized"``
+        (a quantized reduce-scatter and all-gather; one worker axis).
 
     Returns:
       A :class:`~optdist.compression.Compressor`.
@@ -171,8 +188,8 @@ def quantize(
       Jaghouar et al., "INTELLECT-1 Technical Report", 2024 (int8 pseudo-gradients, all-reduced).
       Douillard et al., "Streaming DiLoCo with overlapping communication", 2025 (4-bit E2M1).
     """
-    if exchange not in ("gathered", "summed"):
-        raise ValueError(f"exchange must be 'gathered' or 'summed'; got {exchange!r}.")
+    if exchange not in ("gathered", "summed", "requantized"):
+        raise ValueError(f"exchange must be 'gathered', 'summed' or 'requantized'; got {exchange!r}.")
     if exchange == "summed" and grid not in (None, "uniform"):
         raise ValueError(
             f"exchange='summed' sums codes on a uniform grid; got grid={grid!r}: pass grid=None."
@@ -207,7 +224,57 @@ def quantize(
         return values.reshape(-1)[:size]
 
     name = f"quantize({bits}, {grid}, chunk={chunk_size}, {scale}, {rounding})"
+    if exchange == "requantized":
+        return _requantized(name[:-1] + ", requantized)", bits, chunk_size, encode, decode)
     return gathered(name, encode, decode)
+
+
+def _requantized(name, bits, chunk_size, encode, decode) -> Compressor:
+    """:func:`quantize` with ``exchange="requantized"`` (see its docstring): a quantized reduce-scatter
+    (``all_to_all`` of each worker's encoded shards, decoded and averaged by the shard's owner) and
+    a quantized all-gather of the owners' re-encoded mean shards."""
+
+    def shard(size, n):
+        return -(-size // n)  # entries per shard; a leaf is zero-padded to n whole shards
+
+    def compressible(leaf, n):
+        m = shard(leaf.size, n)
+        rows, _ = _chunk_shape(m, chunk_size)
+        return is_compressible(leaf, n * (math.ceil(m * bits / 8) + 4 * rows), 1.0)
+
+    def aggregate(x, state, key, step, channel):
+        del step
+        n = channel.size
+        leaves, treedef = flatten_floating(x, name)
+        keys = [private_key(k, channel) for k in leaf_keys(key, len(leaves))]
+        chosen = [i for i, leaf in enumerate(leaves) if compressible(leaf, n)]
+        flats = [leaves[i].reshape(-1).astype(compute_dtype(leaves[i].dtype)) for i in chosen]
+        sizes = [shard(f.size, n) for f in flats]
+        shards = [jnp.pad(f, (0, n * m - f.size)).reshape(n, m) for f, m in zip(flats, sizes)]
+        # Independent draws for the two roundings (split(k, n)[1] is fold_in(k, 1): derive both from
+        # one split, or worker 1 would round its own shard and the mean's with the same numbers).
+        stage_keys = [jax.random.split(keys[i]) for i in chosen]
+        first = [jax.vmap(encode)(v, jax.random.split(k[0], n)) for v, k in zip(shards, stage_keys)]
+        received = channel.all_to_all(first)  # row i: worker i's encoding of my shard
+        second_keys = [k[1] for k in stage_keys]
+        mine = [
+            encode(mean_over_workers(jax.vmap(decode, (0, None))(r, m)), k)
+            for r, m, k in zip(received, sizes, second_keys)
+        ]
+        gathered_shards = channel.all_gather(mine)  # row j: owner j's encoding of the mean's shard j
+        mean_leaves, local_leaves = list(leaves), list(leaves)
+        for j, i in enumerate(chosen):
+            size, m = flats[j].size, sizes[j]
+            mean = jax.vmap(decode, (0, None))(gathered_shards[j], m).reshape(-1)[:size]
+            local = jax.vmap(decode, (0, None))(first[j], m).reshape(-1)[:size]
+            mean_leaves[i], local_leaves[i] = restore(leaves[i], mean), restore(leaves[i], local)
+        plain = [i for i in range(len(leaves)) if i not in chosen]
+        for i, v in zip(plain, packed(channel.pmean, [leaves[i] for i in plain]) if plain else []):
+            mean_leaves[i] = v
+        unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)  # noqa: E731
+        return Aggregate(unflat(mean_leaves), unflat(local_leaves), state)
+
+    return Compressor(lambda params: (), aggregate, name)
 
 
 def _summed_quantizer(bits, chunk_size, scale, rounding, chunk_scales) -> Compressor:

@@ -276,6 +276,69 @@ def test_summed_quantize_is_unbiased_and_int8_sends_a_quarter_of_the_float32_all
         assert exact / int(optdist.bytes_sent(state)[0]) == pytest.approx(ratio, rel=0.01)
 
 
+def _requantized_reference(x, bits, grid, chunk):
+    """float64 :func:`quantize` with exchange="requantized", nearest rounding: each worker encodes its n
+    shards (a scale per chunk of a shard), the owner of shard j averages the n decodings and encodes that
+    mean again. Returns (local, mean)."""
+    levels = grid_levels(bits, grid)
+    n, d = x.shape
+    m = -(-d // n)
+
+    def code(v):  # one shard, nearest level per chunk of ``chunk`` entries
+        out = np.zeros_like(v)
+        for c in range(0, v.size, chunk):
+            part = v[c : c + chunk]
+            s = np.abs(part).max()
+            y = part / (s if s > 0 else 1.0)
+            out[c : c + chunk] = levels[np.abs(y[:, None] - levels[None, :]).argmin(1)] * s
+        return out
+
+    shards = np.zeros((n, n * m))
+    shards[:, :d] = x
+    shards = shards.reshape(n, n, m)  # [worker, shard, entry]
+    first = np.stack([[code(shards[i, j]) for j in range(n)] for i in range(n)])
+    mean = np.concatenate([code(first[:, j].mean(0)) for j in range(n)])[:d]
+    return first.reshape(n, n * m)[:, :d], mean
+
+
+@pytest.mark.parametrize("bits, grid", [(8, "symmetric"), (4, "e2m1")])
+def test_requantized_quantize_matches_float64_reference_and_counts_both_halves(bits, grid):
+    n, d, chunk = N, 37, 4  # 10 entries a shard (the leaf zero-padded to 40): chunks of 4, 4, 2
+    comp = compressors.quantize(bits, grid, chunk_size=chunk, rounding="nearest", exchange="requantized")
+    x = jax.random.normal(jax.random.key(14), (n, d)) * jnp.linspace(0.1, 3.0, d)
+    agg = jax.jit(
+        optdist.simulate(lambda v: comp.aggregate({"x": v}, (), jax.random.key(0), 0, Channel("data")))
+    )(x)
+    local, mean = _requantized_reference(np.asarray(x, np.float64), bits, grid, chunk)
+    np.testing.assert_allclose(np.asarray(agg.mean["x"]), np.broadcast_to(mean, (n, d)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(agg.local["x"]), local, rtol=1e-5, atol=1e-6)
+    tx = optdist.compressed_mean(comp, "data")
+    state = optdist.replicate(tx.init({"x": x[0]}), n)
+    _, state = optdist.simulate(lambda g, s: tx.update({"x": g}, s))(x, state)
+    shard = math.ceil(10 * bits / 8) + 3 * 4  # one worker's encoding of one shard: codes + 3 scales
+    np.testing.assert_array_equal(optdist.bytes_sent(state), [2 * (n - 1) * shard] * n)  # all_to_all + gather
+
+
+def test_requantized_quantize_is_unbiased():
+    comp = compressors.quantize(4, "e2m1", chunk_size=8, exchange="requantized")
+    x = jax.random.normal(jax.random.key(15), (N, 32))
+    run = optdist.simulate(lambda v, k: comp.aggregate({"x": v}, (), k, 0, Channel("data")).mean["x"])
+    trials = 3000
+    keys = jax.random.split(jax.random.key(16), trials)
+    samples = np.asarray(jax.jit(jax.vmap(lambda k: run(x, jnp.broadcast_to(k, (N,)))[0]))(keys), np.float64)
+    mean, se = samples.mean(0), samples.std(0) / np.sqrt(trials)
+    assert np.all(np.abs(mean - np.asarray(x, np.float64).mean(0)) <= 5 * se + 1e-6)
+    assert samples.std(0).max() > 0
+
+
+def test_all_to_all_checks_its_rows():
+    bad = optdist.simulate(lambda v: Channel("data").all_to_all(v))
+    with pytest.raises(ValueError, match="leading axis of size n = 4"):
+        bad(jnp.ones((4, 3)))
+    rows = optdist.simulate(lambda v: Channel("data").all_to_all(v))(jnp.arange(16.0).reshape(4, 4, 1))
+    np.testing.assert_array_equal(np.asarray(rows)[..., 0], np.arange(16.0).reshape(4, 4).T)
+
+
 def test_bad_arguments_name_the_parameter():
     with pytest.raises(ValueError, match="bits"):
         compressors.quantize(3)
