@@ -25,8 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.methods = ",".join(
         [
             "exact_mean",
-            "diloco_h100",
             "diloco_h100_int8_summed",
+            "diloco_h150",
             "diloco_h150_fp4_requantized",
             "diloco_h300_int8_summed",
             "sparseloco_h30",
