@@ -195,12 +195,19 @@ class Channel:
         packed in one buffer per dtype (a scalar alone would cost a whole ring pass), larger ones as
         they are. Bytes are counted on the arrays actually sent."""
         leaves, treedef = jax.tree_util.tree_flatten(tree)
+        fn = lambda t, axes: _reduce(t, axes, combine, collective)  # noqa: E731
+        simulated = set(current_simulated_axes())
+        if self._axes and all(a in simulated for a in self._axes):
+            # Simulated workers only: nothing crosses a wire, so packing the small leaves would be
+            # pure memory traffic (a concatenate and the slices back); they are reduced one by one and
+            # counted as the packed all-reduce a network would carry (the same bytes in every mode).
+            out = self._issue(fn, leaves, accounting.all_reduce_bytes(leaves, self.size))
+            return jax.tree_util.tree_unflatten(treedef, list(out))
         flags = accounting.is_packed(leaves)
         small = [i for i, f in enumerate(flags) if f]
         large = [i for i, f in enumerate(flags) if not f]
 
         def reduce(arrays):
-            fn = lambda t, axes: _reduce(t, axes, combine, collective)
             return self._issue(fn, arrays, accounting.all_reduce_bytes(arrays, self.size))
 
         out = list(leaves)
