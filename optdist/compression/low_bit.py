@@ -229,6 +229,26 @@ def quantize(
     return gathered(name, encode, decode)
 
 
+def _inputs(x, name, key, channel, compress):
+    """What a collective protocol starts from: leaves, treedef, one private key per leaf, the indices
+    of the leaves ``compress`` selects and those leaves flat in their compute dtype."""
+    leaves, treedef = flatten_floating(x, name)
+    keys = [private_key(k, channel) for k in leaf_keys(key, len(leaves))]
+    chosen = [i for i, leaf in enumerate(leaves) if compress(leaf)]
+    flats = [leaves[i].reshape(-1).astype(compute_dtype(leaves[i].dtype)) for i in chosen]
+    return leaves, treedef, keys, chosen, flats
+
+
+def _finish(leaves, treedef, chosen, mean_leaves, local_leaves, state, channel):
+    """The :class:`Aggregate` of a collective protocol: the leaves it did not compress go through one
+    plain all-reduce mean (and are their own ``local``)."""
+    plain = [i for i in range(len(leaves)) if i not in chosen]
+    for i, v in zip(plain, packed(channel.pmean, [leaves[i] for i in plain]) if plain else []):
+        mean_leaves[i] = v
+    unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)  # noqa: E731
+    return Aggregate(unflat(mean_leaves), unflat(local_leaves), state)
+
+
 def _requantized(name, bits, chunk_size, encode, decode) -> Compressor:
     """:func:`quantize` with ``exchange="requantized"`` (see its docstring): a quantized reduce-scatter
     (``all_to_all`` of each worker's encoded shards, decoded and averaged by the shard's owner) and
@@ -245,10 +265,7 @@ def _requantized(name, bits, chunk_size, encode, decode) -> Compressor:
     def aggregate(x, state, key, step, channel):
         del step
         n = channel.size
-        leaves, treedef = flatten_floating(x, name)
-        keys = [private_key(k, channel) for k in leaf_keys(key, len(leaves))]
-        chosen = [i for i, leaf in enumerate(leaves) if compressible(leaf, n)]
-        flats = [leaves[i].reshape(-1).astype(compute_dtype(leaves[i].dtype)) for i in chosen]
+        leaves, treedef, keys, chosen, flats = _inputs(x, name, key, channel, lambda v: compressible(v, n))
         sizes = [shard(f.size, n) for f in flats]
         shards = [jnp.pad(f, (0, n * m - f.size)).reshape(n, m) for f, m in zip(flats, sizes)]
         # Independent draws for the two roundings (split(k, n)[1] is fold_in(k, 1): derive both from
@@ -268,11 +285,7 @@ def _requantized(name, bits, chunk_size, encode, decode) -> Compressor:
             mean = jax.vmap(decode, (0, None))(gathered_shards[j], m).reshape(-1)[:size]
             local = jax.vmap(decode, (0, None))(first[j], m).reshape(-1)[:size]
             mean_leaves[i], local_leaves[i] = restore(leaves[i], mean), restore(leaves[i], local)
-        plain = [i for i in range(len(leaves)) if i not in chosen]
-        for i, v in zip(plain, packed(channel.pmean, [leaves[i] for i in plain]) if plain else []):
-            mean_leaves[i] = v
-        unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)  # noqa: E731
-        return Aggregate(unflat(mean_leaves), unflat(local_leaves), state)
+        return _finish(leaves, treedef, chosen, mean_leaves, local_leaves, state, channel)
 
     return Compressor(lambda params: (), aggregate, name)
 
@@ -295,10 +308,7 @@ def _summed_quantizer(bits, chunk_size, scale, rounding, chunk_scales) -> Compre
                 f"exchange='summed' adds {n} workers' {bits}-bit codes, which needs n <= {2**bits - 1}: "
                 "use more bits or exchange='gathered'."
             )
-        leaves, treedef = flatten_floating(x, name)
-        keys = [private_key(k, channel) for k in leaf_keys(key, len(leaves))]
-        chosen = [i for i, leaf in enumerate(leaves) if compressible(leaf)]
-        flats = [leaves[i].reshape(-1).astype(compute_dtype(leaves[i].dtype)) for i in chosen]
+        leaves, treedef, keys, chosen, flats = _inputs(x, name, key, channel, compressible)
         rows = [_chunks(f, chunk_size) for f in flats]
         scales = packed(channel.pmax, [chunk_scales(f, r).astype(jnp.float32) for f, r in zip(flats, rows)])
         codes, local_leaves = [], list(leaves)
@@ -317,11 +327,7 @@ def _summed_quantizer(bits, chunk_size, scale, rounding, chunk_scales) -> Compre
                 rows[j].shape
             )
             mean_leaves[i] = restore(leaves[i], _decode_summed(total, scales[j][:, None], top, n, size))
-        plain = [i for i in range(len(leaves)) if i not in chosen]
-        for i, m in zip(plain, packed(channel.pmean, [leaves[i] for i in plain]) if plain else []):
-            mean_leaves[i] = m
-        unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)  # noqa: E731
-        return Aggregate(unflat(mean_leaves), unflat(local_leaves), state)
+        return _finish(leaves, treedef, chosen, mean_leaves, local_leaves, state, channel)
 
     return Compressor(lambda params: (), aggregate, name)
 
@@ -506,10 +512,7 @@ def cyclic_top_k(
         name = name[:-1] + ", summed int8)"
 
     def aggregate(x, state, key, step, channel):
-        leaves, treedef = flatten_floating(x, name)
-        keys = [private_key(k, channel) for k in leaf_keys(key, len(leaves))]
-        chosen = [i for i, leaf in enumerate(leaves) if leaf.size > 1]
-        flats = [leaves[i].reshape(-1).astype(compute_dtype(leaves[i].dtype)) for i in chosen]
+        leaves, treedef, keys, chosen, flats = _inputs(x, name, key, channel, lambda v: v.size > 1)
         chunks = [_chunks(f, chunk_size) for f in flats]
         shapes = [layout.geometry(f.size) for f in flats]
         leader = jnp.asarray(step, jnp.int32) % channel.size
@@ -530,11 +533,7 @@ def cyclic_top_k(
         for n, i in enumerate(chosen):
             mean_leaves[i] = restore(leaves[i], layout.scatter(means[n], idx[n], flats[n].size))
             local_leaves[i] = restore(leaves[i], layout.scatter(locals_[n], idx[n], flats[n].size))
-        plain = [i for i in range(len(leaves)) if i not in chosen]
-        for i, m in zip(plain, packed(channel.pmean, [leaves[i] for i in plain]) if plain else []):
-            mean_leaves[i] = m
-        unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)  # noqa: E731
-        return Aggregate(unflat(mean_leaves), unflat(local_leaves), state)
+        return _finish(leaves, treedef, chosen, mean_leaves, local_leaves, state, channel)
 
     return Compressor(lambda params: (), aggregate, name)
 

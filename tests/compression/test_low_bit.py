@@ -257,16 +257,21 @@ def test_summed_quantize_matches_float64_reference_and_counts_the_integer_all_re
     np.testing.assert_array_equal(optdist.bytes_sent(state), [expected] * n)
 
 
-def test_summed_quantize_is_unbiased_and_int8_sends_a_quarter_of_the_float32_all_reduce():
-    comp = compressors.quantize(8, chunk_size=16, exchange="summed")
-    x = jax.random.normal(jax.random.key(12), (N, 64))
+def _assert_mean_is_unbiased(comp, x, seed, trials=3000):
+    """Over ``trials`` shared keys, the decoded mean of ``comp`` over the rows of ``x`` (one per worker)
+    averages to the exact mean within 5 standard errors per entry, and really varies."""
     run = optdist.simulate(lambda v, k: comp.aggregate({"x": v}, (), k, 0, Channel("data")).mean["x"])
-    trials = 3000
-    keys = jax.random.split(jax.random.key(13), trials)
-    samples = np.asarray(jax.jit(jax.vmap(lambda k: run(x, jnp.broadcast_to(k, (N,)))[0]))(keys), np.float64)
+    keys = jax.random.split(jax.random.key(seed), trials)
+    n = x.shape[0]
+    samples = np.asarray(jax.jit(jax.vmap(lambda k: run(x, jnp.broadcast_to(k, (n,)))[0]))(keys), np.float64)
     mean, se = samples.mean(0), samples.std(0) / np.sqrt(trials)
     assert np.all(np.abs(mean - np.asarray(x, np.float64).mean(0)) <= 5 * se + 1e-6)
     assert samples.std(0).max() > 0
+
+
+def test_summed_quantize_is_unbiased_and_int8_sends_a_quarter_of_the_float32_all_reduce():
+    comp = compressors.quantize(8, chunk_size=16, exchange="summed")
+    _assert_mean_is_unbiased(comp, jax.random.normal(jax.random.key(12), (N, 64)), seed=13)
     big = {"w": jnp.ones((4096,))}
     for exchange, ratio in (("summed", 4.0), ("gathered", 1.0)):
         tx = optdist.compressed_mean(compressors.quantize(8, chunk_size=4096, exchange=exchange), "data")
@@ -321,14 +326,7 @@ def test_requantized_quantize_matches_float64_reference_and_counts_both_halves(b
 
 def test_requantized_quantize_is_unbiased():
     comp = compressors.quantize(4, "e2m1", chunk_size=8, exchange="requantized")
-    x = jax.random.normal(jax.random.key(15), (N, 32))
-    run = optdist.simulate(lambda v, k: comp.aggregate({"x": v}, (), k, 0, Channel("data")).mean["x"])
-    trials = 3000
-    keys = jax.random.split(jax.random.key(16), trials)
-    samples = np.asarray(jax.jit(jax.vmap(lambda k: run(x, jnp.broadcast_to(k, (N,)))[0]))(keys), np.float64)
-    mean, se = samples.mean(0), samples.std(0) / np.sqrt(trials)
-    assert np.all(np.abs(mean - np.asarray(x, np.float64).mean(0)) <= 5 * se + 1e-6)
-    assert samples.std(0).max() > 0
+    _assert_mean_is_unbiased(comp, jax.random.normal(jax.random.key(15), (N, 32)), seed=16)
 
 
 def test_all_to_all_checks_its_rows():
