@@ -49,6 +49,18 @@ def get_config() -> ml_collections.ConfigDict:
     requant = {"method": "diloco_compressed", "codec": "fp4_requantized", "feedback": "none"}
     v.diloco_h150_fp4_requantized = {**requant, "sync_every": 150, "chunk_size": 128, "rounding": "nearest"}
     v.diloco_h150 = {"method": "diloco", "sync_every": 150, "inner_weight_decay": 0.0}
+    # Streaming DiLoCo's fragments (3, as 4 does not divide H = 150; tau = 5, alpha = 0.5, the
+    # paper's) with the same FP4 sync.
+    v.streaming_h150_fp4_requantized = {
+        "method": "streaming_diloco_compressed",
+        "num_fragments": 3,
+        "delay": 5,
+        "alpha": 0.5,
+        "sync_every": 150,
+        "codec": "fp4_requantized",
+        "chunk_size": 128,
+        "rounding": "nearest",
+    }
     v.streaming_h100_fp4 = {
         "method": "streaming_diloco_compressed",
         "sync_every": 100,
@@ -105,6 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
             "diloco_h300_int8_summed",
             "diloco_h150_fp4_requantized",
             "diloco_h150",
+            "streaming_h150_fp4_requantized",
             "streaming_h100_fp4",
             "sparseloco_h30",
             "sparseloco_h100",
