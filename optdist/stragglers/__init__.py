@@ -1,6 +1,7 @@
-"""Stragglers on a simulated clock: delay models, backup workers (static and DBW), gradient coding."""
+"""Stragglers on a simulated clock: delay models, backup workers (static and DBW), gradient coding per
+round and across rounds (sequential)."""
 
-from optdist.stragglers import clock, gradient_coding
+from optdist.stragglers import clock, gradient_coding, sequential
 from optdist.stragglers.backup import (
     BackupState,
     DynamicBackupState,
@@ -23,5 +24,6 @@ __all__ = [
     "dynamic_backup_mean",
     "dynamic_backup_mean_gradients",
     "gradient_coding",
+    "sequential",
     "simulated_time",
 ]

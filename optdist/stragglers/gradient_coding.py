@@ -1,4 +1,4 @@
-r"""Gradient coding (Tandon et al.) and its sequential, round-repeating variant, with straggler masks.
+r"""Gradient coding (Tandon et al.) with straggler masks.
 
 The data are split into ``n`` partitions with gradients :math:`g_1..g_n`; the full gradient is
 :math:`g = \sum_j g_j`. Worker ``i`` computes the partitions in the support of row ``i`` of an
@@ -20,13 +20,8 @@ all-reduces :math:`a_{S,i} c_i` (a straggler sends zeros: counted, as in any all
 :math:`g / n` (the mean of the partition gradients) on every worker. :func:`coded_partitions` lays
 a batch out so that worker ``i`` holds its ``s + 1`` partitions and their coefficients.
 
-:func:`sequential_schedule` is the sequential gradient coding of Krishnan, Ebrahimi and Khisti in our
-reading of its first (*selective-reattempt*) scheme with delay ``T``: job ``t`` (gradient
-:math:`g(t)`) is coded over the workers in round ``t`` with the ``s``-straggler code; if more than
-``s`` workers straggle, the workers whose job-``t`` task did not finish re-attempt exactly that task
-in the following rounds (up to ``T``), alongside their new job, until ``n - s`` coded results of job
-``t`` are in; :math:`g(t)` is decoded by round ``t + T``. Their second (multiplexed) scheme is not
-implemented.
+Gradient codes across rounds as well as workers (sequential gradient coding) are in
+:mod:`optdist.stragglers.sequential`.
 
 References:
   Tandon, Lei, Dimakis, Karampatziakis, "Gradient Coding: Avoiding Stragglers in Distributed
@@ -55,8 +50,9 @@ class GradientCode(NamedTuple):
     Attributes:
       encoding: ``B``, ``[n, n]`` float64: worker ``i`` sends :math:`\\sum_j B_{ij} g_j`.
       support: ``[n, s + 1]`` int: the partitions worker ``i`` computes (its load).
-      patterns: ``[P, n]`` bool: every straggler set of size ``s`` (True = straggler), ``P = C(n, s)``.
-      decoding: ``[P, n]`` float64: :math:`a_S` for each pattern (zero on the stragglers).
+      patterns: ``[P, n]`` bool: every straggler set of size ``s`` (True = straggler), ``P = C(n, s)``;
+        None for a code built with ``tabulate=False`` (:func:`decode` then solves for :math:`a_S`).
+      decoding: ``[P, n]`` float64: :math:`a_S` for each pattern (zero on the stragglers), or None.
       stragglers: ``s``.
     """
 
@@ -76,13 +72,14 @@ class GradientCode(NamedTuple):
         return self.support.shape[1] / self.num_workers
 
 
-def _check_ns(n: Any, s: Any) -> tuple[int, int]:
+def _check_ns(n: Any, s: Any, tabulate: bool = True) -> tuple[int, int]:
     n = _checks.positive_int(n, "num_workers")
     if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < n:
         raise ValueError(f"stragglers must be an integer in [0, num_workers - 1] = [0, {n - 1}]; got {s!r}.")
-    if math.comb(n, s) > 100_000:
+    if tabulate and math.comb(n, s) > 100_000:
         raise ValueError(
-            f"C({n}, {s}) = {math.comb(n, s)} straggler patterns is too many to tabulate: lower s."
+            f"C({n}, {s}) = {math.comb(n, s)} straggler patterns is too many to tabulate: lower s, or pass "
+            "tabulate=False (decode() then solves per pattern; coded_mean needs the table)."
         )
     return n, s
 
@@ -104,7 +101,7 @@ def _decoding_table(b: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array(patterns), np.array(vectors)
 
 
-def cyclic_code(num_workers: int, stragglers: int, seed: int = 0) -> GradientCode:
+def cyclic_code(num_workers: int, stragglers: int, seed: int = 0, tabulate: bool = True) -> GradientCode:
     r"""Tandon et al.'s cyclic repetition code: ``B`` with cyclic support, robust to any ``s`` stragglers.
 
     Construction (their Algorithm 2): draw :math:`H \in \mathbb{R}^{s \times n}` with Gaussian
@@ -118,11 +115,13 @@ def cyclic_code(num_workers: int, stragglers: int, seed: int = 0) -> GradientCod
       num_workers: ``n >= 1``.
       stragglers: ``s`` in ``[0, n - 1]``.
       seed: NumPy seed of ``H``.
+      tabulate: precompute :math:`a_S` for all :math:`\binom{n}{s}` patterns (needed by
+        :func:`coded_mean`; at most 100,000 patterns); False: :func:`decode` solves for each pattern.
 
     Returns:
       A :class:`GradientCode` with load :math:`(s+1)/n`.
     """
-    n, s = _check_ns(num_workers, stragglers)
+    n, s = _check_ns(num_workers, stragglers, tabulate)
     support = np.array([[(i + j) % n for j in range(s + 1)] for i in range(n)])
     b = np.zeros((n, n))
     if s == 0:
@@ -135,7 +134,7 @@ def cyclic_code(num_workers: int, stragglers: int, seed: int = 0) -> GradientCod
             cols = support[i]
             null = np.linalg.svd(h[:, cols])[2][-1]  # the (generic) 1-d null space of an s x (s+1) block
             b[i, cols] = null / null[0]
-    patterns, decoding = _decoding_table(b, s)
+    patterns, decoding = _decoding_table(b, s) if tabulate else (None, None)
     return GradientCode(b, support, patterns, decoding, s)
 
 
@@ -224,6 +223,8 @@ def coded_mean(code: GradientCode, delays: clock.DelayModel, seed: int = 0) -> A
     delays = clock.check_delay_model(delays, "coded_mean")
     seed = int(seed)
     n, s = code.num_workers, code.stragglers
+    if code.decoding is None:
+        raise ValueError("coded_mean needs a tabulated code: build it with tabulate=True (the default).")
     table = np.asarray(code.decoding, np.float32)
 
     def init(params):
@@ -245,74 +246,21 @@ def coded_mean(code: GradientCode, delays: clock.DelayModel, seed: int = 0) -> A
     return Aggregator(init, aggregate, f"coded_mean(n={n}, s={s})")
 
 
-# --------------------------------------------------------------------------- #
-# Sequential gradient coding (selective reattempt)
-
-
-class Schedule(NamedTuple):
-    """Result of :func:`sequential_schedule` over ``R`` rounds and ``J`` jobs.
-
-    Attributes:
-      decoded_round: ``[J]`` the round by which job ``t`` had ``n - s`` coded results (``-1``: never
-        within its deadline ``t + T``).
-      finished: ``[J, n]`` bool: worker ``i``'s coded result of job ``t`` is in by the deadline.
-      load: ``[R, n]`` the number of partitions worker ``i`` is assigned in round ``r`` (its new job's
-        ``s + 1`` plus ``s + 1`` per re-attempted task).
-    """
-
-    decoded_round: np.ndarray
-    finished: np.ndarray
-    load: np.ndarray
-
-
-def sequential_schedule(code: GradientCode, straggling: np.ndarray, delay: int) -> Schedule:
-    """Runs the selective-reattempt sequential scheme on a straggler record (NumPy; see the module docstring).
-
-    In round ``r`` a worker that does not straggle finishes every task assigned to it that round: its
-    job-``r`` coded task and each earlier job ``t >= r - T`` task it had not finished while job ``t`` is
-    not yet decodable (fewer than ``n - s`` results in). A straggling worker finishes nothing that round.
-
-    Args:
-      code: the per-round :class:`GradientCode` (tolerates ``s`` stragglers in a round by itself).
-      straggling: ``[R, n]`` bool, True where worker ``i`` straggles in round ``r``; jobs are ``0..R-T-1``.
-      delay: ``T >= 0`` (``T = 0`` is plain gradient coding).
-
-    Returns:
-      A :class:`Schedule`.
-    """
-    straggling = np.asarray(straggling, bool)
-    rounds, n = straggling.shape
-    if n != code.num_workers:
-        raise ValueError(f"straggling has {n} workers, the code {code.num_workers}.")
-    delay = int(delay)
-    if delay < 0:
-        raise ValueError(f"delay (T) must be >= 0; got {delay}.")
-    jobs = max(rounds - delay, 0)
-    need = n - code.stragglers
-    per_task = code.support.shape[1]
-    finished = np.zeros((jobs, n), bool)
-    decoded = np.full(jobs, -1)
-    load = np.zeros((rounds, n), int)
-    for r in range(rounds):
-        for t in range(max(0, r - delay), min(r, jobs - 1) + 1):
-            if decoded[t] >= 0:
-                continue
-            assigned = ~finished[t] if t < r else np.ones(n, bool)
-            load[r] += per_task * assigned
-            finished[t] |= assigned & ~straggling[r]
-            if finished[t].sum() >= need:
-                decoded[t] = r
-    return Schedule(decoded, finished, load)
-
-
 def decode(code: GradientCode, finished: np.ndarray) -> np.ndarray:
     """A decoding vector for a set of finished workers (``[n]`` bool, at least ``n - s`` True): the
-    tabulated :math:`a_S` of a size-``s`` straggler set contained in the unfinished ones' complement."""
+    tabulated :math:`a_S` of a size-``s`` straggler set contained in the unfinished ones' complement, or
+    (untabulated code) the least-squares solution of :math:`a^\\top B = \\mathbf 1^\\top` on the
+    finished rows, checked exact."""
     finished = np.asarray(finished, bool)
+    need = code.num_workers - code.stragglers
+    if finished.sum() < need:
+        raise ValueError(f"{int(finished.sum())} finished workers cannot decode (need {need}).")
+    if code.patterns is None:
+        a_alive, *_ = np.linalg.lstsq(code.encoding[finished].T, np.ones(code.num_workers), rcond=None)
+        if not np.allclose(a_alive @ code.encoding[finished], 1.0, atol=1e-8):
+            raise ValueError(f"workers {np.flatnonzero(finished).tolist()} cannot decode (singular system).")
+        a = np.zeros(code.num_workers)
+        a[finished] = a_alive
+        return a
     usable = np.all(code.patterns | finished[None, :], axis=1)  # every unfinished worker is a straggler of S
-    if not usable.any():
-        raise ValueError(
-            f"{int(finished.sum())} finished workers cannot decode "
-            f"(need {code.num_workers - code.stragglers})."
-        )
     return code.decoding[np.argmax(usable)]

@@ -111,6 +111,7 @@ def test_registry_covers_the_brief():
         "upgrad",
         "dbw_time_to_target",
         "gradient_coding_exact",
+        "sequential_gc_runtime",
     }
     assert required <= set(REGISTRY)
     for c in REGISTRY.values():

@@ -1,5 +1,6 @@
 """Gradient coding: exact decoding for every admissible straggler pattern (float64), the paper's load,
-the coded aggregator under simulated workers, and the sequential (selective-reattempt) schedule."""
+the coded aggregator under simulated workers
+(the sequential schemes: test_sequential.py)."""
 
 import itertools
 
@@ -94,44 +95,25 @@ def test_coded_mean_recovers_the_full_gradient_on_every_worker():
     assert len(set(np.asarray(optdist.bytes_sent(counter)).tolist())) == 1  # stragglers send zeros too
 
 
-def test_sequential_plain_gc_when_delay_is_zero():
-    code = gc.cyclic_code(5, 1)
-    rng = np.random.default_rng(0)
-    straggling = rng.random((30, 5)) < 0.25
-    sched = gc.sequential_schedule(code, straggling, delay=0)
-    ok = straggling.sum(axis=1) <= 1
-    np.testing.assert_array_equal(sched.decoded_round >= 0, ok)
-    np.testing.assert_array_equal(sched.load, np.full((30, 5), 2))  # s + 1 partitions, every round
-
-
-def test_sequential_selective_reattempt_decodes_every_two_round_pattern():
-    """n = 4, s = 1, T = 1: job 0 is decoded by round 1 exactly when, over rounds 0 and 1, at least
-    n - s = 3 workers finish its task (re-attempting only in round 1); the decoded gradient is exact."""
-    n, s = 4, 1
-    code = gc.cyclic_code(n, s)
-    g = np.random.default_rng(1).normal(size=(n, 3))
-    masks = [np.array(m, bool) for m in itertools.product([False, True], repeat=n)]
-    for s0, s1 in itertools.product(masks, masks):
-        sched = gc.sequential_schedule(code, np.stack([s0, s1]), delay=1)  # one job, two rounds
-        finished = ~s0 | (s0 & ~s1)
-        expect = 0 if (~s0).sum() >= n - s else (1 if finished.sum() >= n - s else -1)
-        assert sched.decoded_round[0] == expect, (s0, s1)
-        if expect >= 0:
-            a = gc.decode(code, sched.finished[0])
-            np.testing.assert_allclose(a @ (code.encoding @ g), g.sum(0), atol=1e-9)
-        # load in round 1: s + 1 partitions per re-attempted task (job 1 is past the record)
-        reattempts = s0 if expect != 0 else np.zeros(n, bool)
-        np.testing.assert_array_equal(sched.load[1], (s + 1) * reattempts)
-        np.testing.assert_array_equal(sched.load[0], np.full(n, s + 1))
-
-
-def test_sequential_scheme_tolerates_a_burst_plain_gc_does_not():
-    code = gc.cyclic_code(6, 1)
-    straggling = np.zeros((12, 6), bool)
-    straggling[3, [0, 2, 4]] = True  # a burst of 3 stragglers in round 3 (plain GC tolerates 1)
-    plain = gc.sequential_schedule(code, straggling, delay=0)
-    seq = gc.sequential_schedule(code, straggling, delay=1)
-    assert plain.decoded_round[3] == -1 and seq.decoded_round[3] == 4
-    assert np.all(seq.decoded_round >= np.arange(len(seq.decoded_round)))
-    assert np.all(seq.decoded_round[:11] >= 0)
-    assert seq.load.max() == 2 * (1 + 1)  # a re-attempting worker carries two tasks in round 4
+def test_untabulated_code_decodes_like_the_table():
+    """tabulate=False (sizes whose C(n, s) patterns cannot be tabulated) solves a_S per pattern: the same
+    code, a vector with a^T B = 1 on the finished rows, zero elsewhere; coded_mean refuses it."""
+    table, solve = gc.cyclic_code(7, 2, seed=3), gc.cyclic_code(7, 2, seed=3, tabulate=False)
+    np.testing.assert_array_equal(table.encoding, solve.encoding)
+    assert solve.patterns is None and solve.decoding is None
+    for stragglers in itertools.combinations(range(7), 2):
+        finished = np.ones(7, bool)
+        finished[list(stragglers)] = False
+        a = gc.decode(solve, finished)
+        assert np.all(a[~finished] == 0)
+        np.testing.assert_allclose(a @ solve.encoding, 1.0, atol=1e-9)
+    with pytest.raises(ValueError, match="cannot decode"):
+        gc.decode(solve, np.array([True] * 4 + [False] * 3))
+    big = gc.cyclic_code(64, 20, tabulate=False)  # C(64, 20) ~ 2e16 patterns: only solvable on demand
+    finished = np.ones(64, bool)
+    finished[np.random.default_rng(0).choice(64, 20, replace=False)] = False
+    np.testing.assert_allclose(gc.decode(big, finished) @ big.encoding, 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="tabulate"):
+        gc.cyclic_code(64, 20)
+    with pytest.raises(ValueError, match="tabulated"):
+        gc.coded_mean(solve, clock.exponential())
