@@ -118,6 +118,9 @@ def selective_repeat_code(
       window: ``W > B``.
       stragglers: :math:`\lambda` in ``[1, n]``; ``s`` must come out ``<= n - 1``.
       seed: seed of the cyclic code.
+
+    Returns:
+      A :class:`SequentialCode` for :func:`schedule` and :func:`decode`.
     """
     n, b, w, lam = _check_bwl(num_workers, burst, window, stragglers)
     if (w - 1) % b:
@@ -147,6 +150,15 @@ def multiplexed_code(
       window: ``W > B``.
       stragglers: :math:`\lambda` in ``[1, n]`` (``lambda = n``: no coded part, every worker may straggle).
       seed: seed of the cyclic code.
+
+    Returns:
+      A :class:`SequentialCode` for :func:`schedule` and :func:`decode`.
+
+    Example::
+
+      code = sequential.multiplexed_code(8, burst=1, window=2, stragglers=2)  # load 0.1875 (GC: 0.375)
+      sched = sequential.schedule(code, straggling)  # [rounds, 8] bool, True = straggles that round
+      g = sequential.decode(code, sched, t, chunk_grads[t], coded_results[t])  # job t's exact gradient
     """
     n, b, w, lam = _check_bwl(num_workers, burst, window, stragglers)
     if lam == n:
