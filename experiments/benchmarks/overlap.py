@@ -9,7 +9,8 @@ One chunk of ``H`` training steps (inner AdamW on an MLP; the last step syncs) u
   its all-reduce while the forward/backward pass computes (async collectives on GPU / TPU).
 
 ``hidden`` = (plain - overlapped) / (plain - bare): the fraction of the sync's cost that the overlap
-removed (1: fully hidden; 0: none, as on XLA:CPU, which runs collectives synchronously). Each row
+removed (1: fully hidden; 0: none, as on XLA:CPU, which runs collectives synchronously; None, printed
+``-``, when the timed sync cost nothing: plain <= bare). Each row
 also records whether, in the optimized HLO, any collective of the step depends on the gradient
 (:func:`optdist.comm.dependence.compiled_collective_dependence`): the overlapped program must say no.
 
@@ -97,7 +98,7 @@ def main(argv=None) -> dict:
                 "bare_ms": 1e3 * bare,
                 "plain_ms": 1e3 * plain,
                 "overlapped_ms": 1e3 * overlapped,
-                "hidden": (plain - overlapped) / (plain - bare) if plain > bare else float("nan"),
+                "hidden": (plain - overlapped) / (plain - bare) if plain > bare else None,  # undefined
                 "plain_depends_on_gradient": _gradient_dependence(outer[False], mesh, params, batch, w),
                 "overlapped_depends_on_gradient": _gradient_dependence(outer[True], mesh, params, batch, w),
                 "device": info["device"],
