@@ -23,6 +23,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -691,20 +692,53 @@ def _sparseloco(config, o, axis_name):
     )
 
 
+# The experiments' models' input and output layers (top-level module names): AdamW in MuLoCo.
+_MUON_EXCLUDED = ("embed", "pos", "head", "out")
+_ATTENTION_INPUTS = ("query", "key", "value")
+
+
+def muon_hidden_dimension_numbers(params):
+    """Muon on the hidden weight matrices of the experiments' models, AdamW on the rest (the split
+    Jordan et al. recommend for Muon): None for the embeddings, positions, output layer, biases and
+    norms; attention's query / key / value kernels ``[d, heads, head_dim]`` reduce over ``d`` into
+    ``heads × head_dim``; every other kernel (dense, attention output, conv) reduces over all but its
+    last axis."""
+    contrib = optax.contrib
+
+    def spec(path, leaf):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        if names[0] in _MUON_EXCLUDED or "kernel" not in names or leaf.ndim < 2:
+            return None
+        module = names[names.index("kernel") - 1]  # (nnx paths end in the Variable's ".value")
+        if module in _ATTENTION_INPUTS and leaf.ndim == 3:
+            return contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=(1, 2))
+        return contrib.MuonDimensionNumbers(
+            reduction_axis=tuple(range(leaf.ndim - 1)), output_axis=leaf.ndim - 1
+        )
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
 @register(
     "muloco",
     {
         "sync_every": 30,
         "inner_lr": 0.02,
+        "adam_lr": 0.0,
+        "muon_on": "hidden",
         "bits": 2,
         "chunk_size": 4096,
         "outer_lr": 0.7,
         "outer_momentum": 0.9,
     },
-    description="MuLoCo: Muon inner optimizer (inner_lr), 2-bit EF pseudo-gradients, Nesterov outer",
+    description="MuLoCo: Muon inner optimizer (inner_lr) on the hidden matrices (muon_on='hidden'; "
+    "'matrices': every 2-D leaf), AdamW at adam_lr (0: the config's learning_rate) on the rest, 2-bit "
+    "EF pseudo-gradients, Nesterov outer",
     family="outer",
 )
 def _muloco(config, o, axis_name):
+    if o.muon_on not in ("hidden", "matrices"):
+        raise ValueError(f"muon_on={o.muon_on!r}: choose 'hidden' or 'matrices'.")
     return optdist.muloco(
         o.inner_lr,
         o.sync_every,
@@ -713,6 +747,8 @@ def _muloco(config, o, axis_name):
         chunk_size=o.chunk_size,
         outer_lr=o.outer_lr,
         outer_momentum=o.outer_momentum,
+        adam_learning_rate=o.adam_lr or config.learning_rate,
+        muon_dimension_numbers=muon_hidden_dimension_numbers if o.muon_on == "hidden" else None,
     )
 
 

@@ -104,12 +104,19 @@ def muloco(
     outer_lr: float = 0.7,
     outer_momentum: float = 0.9,
     inner_weight_decay: float = 0.0,
+    adam_learning_rate: float | optax.Schedule | None = None,
+    muon_dimension_numbers: Any = None,
     **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
     r"""MuLoCo: DiLoCo with Muon as the inner optimizer and error-feedback low-bit pseudo-gradients.
 
-    Inner: ``optax.contrib.muon(inner_lr, weight_decay=...)`` (Muon on matrices, Adam on the rest,
-    as optax implements it). Sync: :math:`p_r = Δ_r + e_r`, send :math:`Q_b(p_r)`
+    Inner: ``optax.contrib.muon(inner_lr, weight_decay=...)``: Muon on the leaves
+    ``muon_dimension_numbers`` marks (by default every 2-D leaf, optax's default), AdamW at
+    ``adam_learning_rate`` on the rest. Jordan et al. recommend Muon for the hidden matrices only,
+    AdamW for the embeddings, the output head and the non-matrix parameters (the paper uses their
+    Muon; the part of its text we could read does not state the split): pass
+    ``muon_dimension_numbers`` (None for an AdamW leaf) and an AdamW learning rate to get it.
+    Sync: :math:`p_r = Δ_r + e_r`, send :math:`Q_b(p_r)`
     (:func:`optdist.compression.quantize` with ``bits`` bits, per-chunk scale, stochastic rounding),
     :math:`e_r \leftarrow p_r - Q_b(p_r)`; outer Nesterov SGD on the mean, as DiLoCo.
 
@@ -121,6 +128,12 @@ def muloco(
       chunk_size: entries per quantization scale.
       outer_lr, outer_momentum: the outer Nesterov step.
       inner_weight_decay: Muon's decoupled weight decay.
+      adam_learning_rate: the learning rate of the AdamW part (leaves Muon does not take); None:
+        ``inner_lr`` (optax's default; an AdamW step as large as Muon's is usually far too large).
+      muon_dimension_numbers: forwarded to ``optax.contrib.muon``'s ``muon_weight_dimension_numbers``:
+        a tree (or a function of the parameters returning one) of
+        ``optax.contrib.MuonDimensionNumbers`` for the Muon leaves and None for the AdamW ones;
+        None: Muon on every 2-D leaf.
       **kwargs: forwarded to :func:`optdist.outer_loop` (not ``aggregator``).
 
     Returns:
@@ -135,7 +148,14 @@ def muloco(
     inner_lr = _validate.learning_rate(inner_lr, "inner_lr")
     outer_lr = _validate.learning_rate(outer_lr, "outer_lr")
     outer_momentum = _validate.decay(outer_momentum, "outer_momentum")
+    if adam_learning_rate is not None:
+        adam_learning_rate = _validate.learning_rate(adam_learning_rate, "adam_learning_rate")
     aggregator = compressed(quantize(bits, chunk_size=chunk_size), feedback="ef")
-    inner = optax.contrib.muon(inner_lr, weight_decay=inner_weight_decay)
+    inner = optax.contrib.muon(
+        inner_lr,
+        weight_decay=inner_weight_decay,
+        adam_learning_rate=adam_learning_rate,
+        muon_weight_dimension_numbers=muon_dimension_numbers,
+    )
     outer = optax.sgd(outer_lr, momentum=outer_momentum, nesterov=True)
     return outer_loop(inner, outer, sync_every, axis_name, aggregator=aggregator, **kwargs)

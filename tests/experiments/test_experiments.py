@@ -129,3 +129,28 @@ def test_unknown_method_is_named():
 
 def test_jax_sees_eight_devices():
     assert len(jax.devices()) == 8 and optdist.num_workers(None) == 1
+
+
+def test_muloco_puts_muon_on_the_hidden_matrices_only():
+    """The experiments' MuLoCo split: AdamW for the embeddings, positions, output layer, biases and
+    norms; Muon for every block kernel, with attention's 3-D kernels orthogonalized as matrices
+    ``d × (heads·head_dim)`` (query / key / value) and ``(heads·head_dim) × d`` (output)."""
+    import optax
+
+    from experiments import methods, models
+
+    params, _ = models.build(charlm_config.get_config(), 96, 0)
+    dims = methods.muon_hidden_dimension_numbers(params)
+    is_leaf = lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)
+    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(dims, is_leaf=is_leaf)}
+    muon = {k: v for k, v in got.items() if v is not None}
+    assert len(got) == len(jax.tree_util.tree_leaves(params))
+    assert all("kernel" in k and "blocks" in k for k in muon)
+    assert sum("kernel" in k and "blocks" in k for k in got) == len(muon) == 12  # 2 blocks x 6 kernels
+    for k, v in muon.items():
+        if "'attn']['out'" in k:
+            assert (v.reduction_axis, v.output_axis) == ((0, 1), 2), k
+        elif "'attn'" in k:
+            assert (v.reduction_axis, v.output_axis) == (0, (1, 2)), k
+        else:
+            assert (v.reduction_axis, v.output_axis) == ((0,), 1), k

@@ -1,5 +1,7 @@
 """SparseLoCo and MuLoCo: float64 references of the published updates on a small problem."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -78,6 +80,38 @@ def test_muloco_is_muon_inside_diloco_with_two_bit_error_feedback(data):
     assert np.abs(np.asarray(s.aggregator_state.error["w"])).max() > 0
 
 
+def _matrix_run(tx, steps=4, n=2):
+    """A few steps of a two-matrix least squares under simulated workers; the final parameters."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(n, 8, 3)), jnp.float32)
+    params = {"W": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "v": jnp.ones((4, 2), jnp.float32)}
+
+    def step(p, s, xb):
+        g = jax.grad(lambda p: jnp.mean((xb @ p["W"] @ p["v"] - 1.0) ** 2))(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    sim = optdist.simulate(step, "data")
+    p, s = optdist.replicate((params, tx.init(params)), n)
+    for _ in range(steps):
+        p, s = sim(p, s, x)
+    return np.concatenate([np.asarray(leaf).ravel() for leaf in jax.tree_util.tree_leaves(p)])
+
+
+def test_muloco_forwards_the_adamw_rate_and_the_muon_leaves():
+    """Muon on ``W`` only, AdamW at its own rate on ``v``: the same numbers as optax's muon built with
+    those arguments inside the same outer loop, and not those of the default split (Muon on both)."""
+    lr, adam_lr, h = 0.02, 0.005, 2
+    dims = {"W": optax.contrib.MuonDimensionNumbers(), "v": None}
+    tx = outer.muloco(lr, h, "data", chunk_size=64, adam_learning_rate=adam_lr, muon_dimension_numbers=dims)
+    agg = optdist.aggregation.compressed(optdist.compressors.quantize(2, chunk_size=64), feedback="ef")
+    inner = optax.contrib.muon(lr, adam_learning_rate=adam_lr, muon_weight_dimension_numbers=dims)
+    ref = optdist.outer_loop(inner, optax.sgd(0.7, momentum=0.9, nesterov=True), h, "data", aggregator=agg)
+    ours = _matrix_run(tx)
+    np.testing.assert_array_equal(ours, _matrix_run(ref))
+    assert not np.allclose(ours, _matrix_run(outer.muloco(lr, h, "data", chunk_size=64)))
+
+
 def test_low_comm_bad_inputs():
     with pytest.raises(TypeError, match="aggregator"):
         outer.sparseloco(0.1, 3, aggregator=None)
@@ -87,3 +121,5 @@ def test_low_comm_bad_inputs():
         outer.sparseloco(0.1, 3, error_decay=-0.1)
     with pytest.raises(ValueError, match="bits"):
         outer.muloco(0.1, 3, bits=3)
+    with pytest.raises(ValueError, match="adam_learning_rate"):
+        outer.muloco(0.1, 3, adam_learning_rate=-1.0)
