@@ -730,26 +730,38 @@ def muon_hidden_dimension_numbers(params):
         "chunk_size": 4096,
         "outer_lr": 0.7,
         "outer_momentum": 0.9,
+        # "ef": the paper's sync (bits-bit stochastic codes + error feedback); or one of CODECS without
+        # error feedback (chunk_size, rounding as in diloco_compressed; bits unused)
+        "codec": "ef",
+        "rounding": "stochastic",
     },
     description="MuLoCo: Muon inner optimizer (inner_lr) on the hidden matrices (muon_on='hidden'; "
     "'matrices': every 2-D leaf), AdamW at adam_lr (0: the config's learning_rate) on the rest, 2-bit "
-    "EF pseudo-gradients, Nesterov outer",
+    "EF pseudo-gradients (codec='ef'; or a diloco_compressed codec), Nesterov outer",
     family="outer",
 )
 def _muloco(config, o, axis_name):
     if o.muon_on not in ("hidden", "matrices"):
         raise ValueError(f"muon_on={o.muon_on!r}: choose 'hidden' or 'matrices'.")
-    return optdist.muloco(
-        o.inner_lr,
-        o.sync_every,
-        axis_name,
-        bits=o.bits,
-        chunk_size=o.chunk_size,
-        outer_lr=o.outer_lr,
-        outer_momentum=o.outer_momentum,
-        adam_learning_rate=o.adam_lr or config.learning_rate,
-        muon_dimension_numbers=muon_hidden_dimension_numbers if o.muon_on == "hidden" else None,
+    muon = {
+        "adam_learning_rate": o.adam_lr or config.learning_rate,
+        "muon_dimension_numbers": muon_hidden_dimension_numbers if o.muon_on == "hidden" else None,
+    }
+    outer = {"outer_lr": o.outer_lr, "outer_momentum": o.outer_momentum}
+    if o.codec == "ef":
+        return optdist.muloco(
+            o.inner_lr, o.sync_every, axis_name, bits=o.bits, chunk_size=o.chunk_size, **outer, **muon
+        )
+    sync = ml_collections.ConfigDict(
+        {**SYNC_CODEC, "codec": o.codec, "chunk_size": o.chunk_size, "rounding": o.rounding}
     )
+    inner = optax.contrib.muon(
+        o.inner_lr,
+        adam_learning_rate=muon["adam_learning_rate"],
+        muon_weight_dimension_numbers=muon["muon_dimension_numbers"],
+    )
+    nesterov = optax.sgd(o.outer_lr, momentum=o.outer_momentum, nesterov=True)  # as optdist.muloco's
+    return optdist.outer_loop(inner, nesterov, o.sync_every, axis_name, aggregator=_sync_aggregator(sync))
 
 
 # --------------------------------------------------------------------------- #

@@ -98,6 +98,14 @@ def get_config() -> ml_collections.ConfigDict:
     v.diloco_h30_sparse_decayed_ef = {**sparse, "feedback": "ef", "error_decay": 0.95}
     v.diloco_h30_sparse_no_ef = {**sparse, "feedback": "none"}
     v.muloco_h100 = {"method": "muloco", "sync_every": 100}
+    # MuLoCo's inner Muon with diloco_h150_fp4_requantized's sync (no EF) instead of 2-bit EF codes.
+    v.muloco_h150_fp4_requantized = {
+        "method": "muloco",
+        "sync_every": 150,
+        "codec": "fp4_requantized",
+        "chunk_size": 128,
+        "rounding": "nearest",
+    }
     v.demo = {"method": "demo"}
     v.diloco_h100_int2_ef = {
         "method": "diloco_compressed",

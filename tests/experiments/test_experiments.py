@@ -154,3 +154,41 @@ def test_muloco_puts_muon_on_the_hidden_matrices_only():
             assert (v.reduction_axis, v.output_axis) == (0, (1, 2)), k
         else:
             assert (v.reduction_axis, v.output_axis) == ((0,), 1), k
+
+
+def test_muloco_with_another_codec_sends_what_diloco_with_that_codec_sends():
+    """``muloco(codec="fp4_requantized")``: Muon inside, the diloco_compressed FP4 sync outside, so one
+    sync step sends exactly the bytes of ``diloco_compressed`` with that codec (and moves differently)."""
+    import jax.numpy as jnp
+    import ml_collections
+    import optax
+
+    from experiments import methods
+
+    cfg = charlm_config.get_config()
+    # A hidden kernel (Muon) and an output layer (AdamW), named as the experiments' models name them.
+    params = {"blocks": {"up": {"kernel": jnp.ones((16, 32))}}, "head": {"kernel": jnp.ones((16, 8))}}
+    grads = jax.tree_util.tree_map(lambda p: jax.random.normal(jax.random.key(p.size), (2, *p.shape)), params)
+    codec = {"sync_every": 1, "codec": "fp4_requantized", "chunk_size": 128, "rounding": "nearest"}
+
+    def one_sync(name):
+        method = methods.METHODS[name]
+        tx = method.build(cfg, ml_collections.ConfigDict({**method.options, **codec}), "data")
+
+        def step(p, s, g):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        p, s = optdist.replicate((params, tx.init(params)), 2)
+        p, s = jax.jit(optdist.simulate(step, "data"))(p, s, grads)
+        return jax.tree_util.tree_leaves(p), optdist.bytes_sent(s)
+
+    muon_p, muon_bytes = one_sync("muloco")
+    adam_p, adam_bytes = one_sync("diloco_compressed")
+    np.testing.assert_array_equal(muon_bytes, adam_bytes)
+    assert int(np.max(muon_bytes)) > 0
+    assert any(not np.allclose(a, b) for a, b in zip(muon_p, adam_p))
+    with pytest.raises(ValueError, match="codec"):
+        methods.METHODS["muloco"].build(
+            cfg, ml_collections.ConfigDict({**methods.METHODS["muloco"].options, "codec": "fp5"}), "data"
+        )
