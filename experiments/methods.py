@@ -719,6 +719,36 @@ def muon_hidden_dimension_numbers(params):
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
+def _muon_split(o, config) -> dict:
+    """``optdist.muloco``'s Muon arguments from ``o.muon_on`` and ``o.adam_lr``."""
+    if o.muon_on not in ("hidden", "matrices"):
+        raise ValueError(f"muon_on={o.muon_on!r}: choose 'hidden' or 'matrices'.")
+    return {
+        "adam_learning_rate": o.adam_lr or config.learning_rate,
+        "muon_dimension_numbers": muon_hidden_dimension_numbers if o.muon_on == "hidden" else None,
+    }
+
+
+def _muon(o, config):
+    """optax's Muon at ``o.inner_lr`` with the experiments' split."""
+    split = _muon_split(o, config)
+    return optax.contrib.muon(
+        o.inner_lr,
+        adam_learning_rate=split["adam_learning_rate"],
+        muon_weight_dimension_numbers=split["muon_dimension_numbers"],
+    )
+
+
+@register(
+    "muon_mean",
+    {"inner_lr": 0.02, "adam_lr": 0.0, "muon_on": "hidden"},
+    description="synchronous data parallel (exact all-reduce mean every step) with muloco's Muon "
+    "(inner_lr, adam_lr, muon_on) instead of the config's optimizer: MuLoCo's reference",
+)
+def _muon_mean(config, o, axis_name):
+    return optax.chain(optdist.mean_gradients(axis_name), _muon(o, config))
+
+
 @register(
     "muloco",
     {
@@ -741,27 +771,24 @@ def muon_hidden_dimension_numbers(params):
     family="outer",
 )
 def _muloco(config, o, axis_name):
-    if o.muon_on not in ("hidden", "matrices"):
-        raise ValueError(f"muon_on={o.muon_on!r}: choose 'hidden' or 'matrices'.")
-    muon = {
-        "adam_learning_rate": o.adam_lr or config.learning_rate,
-        "muon_dimension_numbers": muon_hidden_dimension_numbers if o.muon_on == "hidden" else None,
-    }
-    outer = {"outer_lr": o.outer_lr, "outer_momentum": o.outer_momentum}
     if o.codec == "ef":
+        outer = {"outer_lr": o.outer_lr, "outer_momentum": o.outer_momentum}
         return optdist.muloco(
-            o.inner_lr, o.sync_every, axis_name, bits=o.bits, chunk_size=o.chunk_size, **outer, **muon
+            o.inner_lr,
+            o.sync_every,
+            axis_name,
+            bits=o.bits,
+            chunk_size=o.chunk_size,
+            **outer,
+            **_muon_split(o, config),
         )
     sync = ml_collections.ConfigDict(
         {**SYNC_CODEC, "codec": o.codec, "chunk_size": o.chunk_size, "rounding": o.rounding}
     )
-    inner = optax.contrib.muon(
-        o.inner_lr,
-        adam_learning_rate=muon["adam_learning_rate"],
-        muon_weight_dimension_numbers=muon["muon_dimension_numbers"],
-    )
     nesterov = optax.sgd(o.outer_lr, momentum=o.outer_momentum, nesterov=True)  # as optdist.muloco's
-    return optdist.outer_loop(inner, nesterov, o.sync_every, axis_name, aggregator=_sync_aggregator(sync))
+    return optdist.outer_loop(
+        _muon(o, config), nesterov, o.sync_every, axis_name, aggregator=_sync_aggregator(sync)
+    )
 
 
 # --------------------------------------------------------------------------- #

@@ -98,6 +98,8 @@ def get_config() -> ml_collections.ConfigDict:
     v.diloco_h30_sparse_decayed_ef = {**sparse, "feedback": "ef", "error_decay": 0.95}
     v.diloco_h30_sparse_no_ef = {**sparse, "feedback": "none"}
     v.muloco_h100 = {"method": "muloco", "sync_every": 100}
+    # Data parallel with MuLoCo's Muon (every step's exact mean): the reference for the Muon rows.
+    v.muon_mean = {"method": "muon_mean"}
     # MuLoCo's inner Muon with diloco_h150_fp4_requantized's sync (no EF) instead of 2-bit EF codes.
     v.muloco_h150_fp4_requantized = {
         "method": "muloco",
