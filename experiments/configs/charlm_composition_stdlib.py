@@ -30,6 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
             "diloco_h150_fp4_requantized",
             "diloco_h300_int8_summed",
             "sparseloco_h30",
+            "muon_mean",  # session 10: data parallel with MuLoCo's Muon, the Muon rows' reference
+            "muloco_h150_fp4_requantized",
         ]
     )
     return c
