@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
             "sparseloco_h30",
             "muon_mean",  # session 10: data parallel with MuLoCo's Muon, the Muon rows' reference
             "muloco_h150_fp4_requantized",
+            "muloco_h300_fp4_requantized",
         ]
     )
     return c
