@@ -771,23 +771,19 @@ def _muon_mean(config, o, axis_name):
     family="outer",
 )
 def _muloco(config, o, axis_name):
-    if o.codec == "ef":
-        outer = {"outer_lr": o.outer_lr, "outer_momentum": o.outer_momentum}
-        return optdist.muloco(
-            o.inner_lr,
-            o.sync_every,
-            axis_name,
-            bits=o.bits,
-            chunk_size=o.chunk_size,
-            **outer,
-            **_muon_split(o, config),
-        )
-    sync = ml_collections.ConfigDict(
-        {**SYNC_CODEC, "codec": o.codec, "chunk_size": o.chunk_size, "rounding": o.rounding}
-    )
-    nesterov = optax.sgd(o.outer_lr, momentum=o.outer_momentum, nesterov=True)  # as optdist.muloco's
-    return optdist.outer_loop(
-        _muon(o, config), nesterov, o.sync_every, axis_name, aggregator=_sync_aggregator(sync)
+    if o.codec == "ef":  # the paper's sync, which optdist.muloco builds from bits and chunk_size
+        sync = {"bits": o.bits, "chunk_size": o.chunk_size}
+    else:
+        codec = {**SYNC_CODEC, "codec": o.codec, "chunk_size": o.chunk_size, "rounding": o.rounding}
+        sync = {"aggregator": _sync_aggregator(ml_collections.ConfigDict(codec))}
+    return optdist.muloco(
+        o.inner_lr,
+        o.sync_every,
+        axis_name,
+        outer_lr=o.outer_lr,
+        outer_momentum=o.outer_momentum,
+        **sync,
+        **_muon_split(o, config),
     )
 
 

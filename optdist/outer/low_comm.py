@@ -106,6 +106,7 @@ def muloco(
     inner_weight_decay: float = 0.0,
     adam_learning_rate: float | optax.Schedule | None = None,
     muon_dimension_numbers: Any = None,
+    aggregator: Any = None,
     **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
     r"""MuLoCo: DiLoCo with Muon as the inner optimizer and error-feedback low-bit pseudo-gradients.
@@ -134,6 +135,9 @@ def muloco(
         a tree (or a function of the parameters returning one) of
         ``optax.contrib.MuonDimensionNumbers`` for the Muon leaves and None for the AdamW ones;
         None: Muon on every 2-D leaf.
+      aggregator: the sync's :class:`~optdist.comm.Aggregator`; None: the paper's,
+        ``compressed(quantize(bits, chunk_size=chunk_size), "ef")``. Given, ``bits`` and ``chunk_size``
+        must keep their defaults (they describe the paper's sync only).
       **kwargs: forwarded to :func:`optdist.outer_loop` (not ``aggregator``).
 
     Returns:
@@ -143,14 +147,18 @@ def muloco(
       Thérien et al., "MuLoCo: Muon is a practical inner optimizer for DiLoCo", 2025.
     """
     kwargs = _validate.forwarded(kwargs)
-    if "aggregator" in kwargs:
-        raise TypeError("muloco builds its own aggregator; use optdist.outer_loop for another one.")
+    if aggregator is not None and (bits, chunk_size) != (2, 4096):
+        raise ValueError(
+            f"muloco(bits={bits}, chunk_size={chunk_size}) describes the paper's sync, which "
+            "`aggregator` replaces: leave bits and chunk_size at their defaults, or drop aggregator."
+        )
     inner_lr = _validate.learning_rate(inner_lr, "inner_lr")
     outer_lr = _validate.learning_rate(outer_lr, "outer_lr")
     outer_momentum = _validate.decay(outer_momentum, "outer_momentum")
     if adam_learning_rate is not None:
         adam_learning_rate = _validate.learning_rate(adam_learning_rate, "adam_learning_rate")
-    aggregator = compressed(quantize(bits, chunk_size=chunk_size), feedback="ef")
+    if aggregator is None:
+        aggregator = compressed(quantize(bits, chunk_size=chunk_size), feedback="ef")
     inner = optax.contrib.muon(
         inner_lr,
         weight_decay=inner_weight_decay,

@@ -112,6 +112,18 @@ def test_muloco_forwards_the_adamw_rate_and_the_muon_leaves():
     assert not np.allclose(ours, _matrix_run(outer.muloco(lr, h, "data", chunk_size=64)))
 
 
+def test_muloco_with_another_sync_is_that_sync_inside_the_same_outer_loop():
+    lr, h = 0.02, 2
+    agg = optdist.aggregation.compressed(optdist.compressors.quantize(4, "e2m1", chunk_size=8))
+    tx = outer.muloco(lr, h, "data", aggregator=agg)
+    ref = optdist.outer_loop(
+        optax.contrib.muon(lr), optax.sgd(0.7, momentum=0.9, nesterov=True), h, "data", aggregator=agg
+    )
+    ours = _matrix_run(tx)
+    np.testing.assert_array_equal(ours, _matrix_run(ref))
+    assert not np.allclose(ours, _matrix_run(outer.muloco(lr, h, "data", chunk_size=8)))
+
+
 def test_low_comm_bad_inputs():
     with pytest.raises(TypeError, match="aggregator"):
         outer.sparseloco(0.1, 3, aggregator=None)
@@ -121,5 +133,8 @@ def test_low_comm_bad_inputs():
         outer.sparseloco(0.1, 3, error_decay=-0.1)
     with pytest.raises(ValueError, match="bits"):
         outer.muloco(0.1, 3, bits=3)
+    agg = optdist.aggregation.compressed(optdist.compressors.quantize(4, "e2m1"))
+    with pytest.raises(ValueError, match="aggregator"):
+        outer.muloco(0.1, 3, bits=4, aggregator=agg)
     with pytest.raises(ValueError, match="adam_learning_rate"):
         outer.muloco(0.1, 3, adam_learning_rate=-1.0)
