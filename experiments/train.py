@@ -39,6 +39,7 @@ from experiments import methods, models, plotting
 from experiments.checkpointing import Checkpointer
 
 EXECUTIONS = ("simulate", "data_parallel")
+EVAL_PARAMS = ("workers", "global")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 MODELS = {"digits": ("mlp", "cnn"), "charlm": ("transformer",)}
 
@@ -98,6 +99,8 @@ def validate(config, prefix: str = "config") -> None:
         _fail(f("weight_decay"), config.weight_decay, "must be a finite number >= 0", "1e-4")
     if config.execution not in EXECUTIONS:
         _fail(f("execution"), config.execution, f"choose one of {EXECUTIONS}", "simulate")
+    if config.eval_params not in EVAL_PARAMS:
+        _fail(f("eval_params"), config.eval_params, f"choose one of {EVAL_PARAMS}", "workers")
     if config.optimizer not in OPTIMIZERS:
         _fail(f("optimizer"), config.optimizer, f"choose one of {OPTIMIZERS}", "sgd")
     if config.dataset not in MODELS:
@@ -321,6 +324,20 @@ def existing_checkpoints(directory: str) -> list[int]:
     return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
+def _evaluated_params(config, state_w):
+    """``(params_w, state_w) -> the [workers, ...] parameters to evaluate`` for ``config.eval_params``."""
+    if config.eval_params == "workers":
+        return lambda params_w, state_w: params_w
+    try:
+        optdist.outer.global_params(state_w)
+    except ValueError as e:
+        raise ValueError(
+            f"config.eval_params='global' evaluates an outer loop's anchor, and method {config.method!r} "
+            "has no outer loop: its workers' parameters are the model. Use eval_params='workers'."
+        ) from e
+    return lambda params_w, state_w: optdist.outer.global_params(state_w)
+
+
 def _skipped(state) -> int:
     return int(np.max(np.asarray(getattr(state, "skipped", 0))))
 
@@ -382,6 +399,7 @@ def train_and_evaluate(
     params_w, state_w = to_host(optdist.replicate((task.params, tx.init(task.params)), w))
     run = Runner(task, tx, config.execution)
     evaluate = jax.jit(jax.vmap(task.evaluate))
+    evaluated = _evaluated_params(config, state_w)
     history, step, offset = [], 0, 0.0
     ckpt = None
     if resume and not existing:
@@ -443,7 +461,9 @@ def train_and_evaluate(
         timer.record(n, time.perf_counter() - t0, inputs)
         params_w, state_w, train_loss, sent = out
         step += n
-        train_loss, sent, (loss, acc), counters = to_host((train_loss, sent, evaluate(params_w), state_w))
+        train_loss, sent, (loss, acc), counters = to_host(
+            (train_loss, sent, evaluate(evaluated(params_w, state_w)), state_w)
+        )
         elapsed = time.perf_counter() - start
         rounds += int(np.max(sent))
         record = {

@@ -60,6 +60,7 @@ from optdist.outer import (
     fedadam,
     fedavg,
     fedyogi,
+    global_params,
     local_adaptive,
     local_sgd,
     muloco,
@@ -180,4 +181,5 @@ __all__ = [
     "backup_mean_gradients",
     "dynamic_backup_mean_gradients",
     "schedule_free_eval_params",
+    "global_params",
 ]

@@ -153,6 +153,7 @@ BAD = [
 # Public callables that are not factories with hyperparameters to validate.
 NOT_FACTORIES = {
     "schedule_free_eval_params",
+    "global_params",
     "bytes_sent",
     "is_replicated",
     "num_workers",

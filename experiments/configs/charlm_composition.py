@@ -110,6 +110,8 @@ def get_config() -> ml_collections.ConfigDict:
     }
     # The same at H = 300: half the syncs, the next point past 2000x.
     v.muloco_h300_fp4_requantized = {**v.muloco_h150_fp4_requantized.to_dict(), "sync_every": 300}
+    # Session 11: H = 600 (10 syncs in 6000 steps), the next point past 4000x.
+    v.muloco_h600_fp4_requantized = {**v.muloco_h150_fp4_requantized.to_dict(), "sync_every": 600}
     v.demo = {"method": "demo"}
     v.diloco_h100_int2_ef = {
         "method": "diloco_compressed",

@@ -29,6 +29,7 @@ FIELD_DOCS = {
     "eval_every": "steps per jitted chunk; evaluate, log and maybe checkpoint after each (>= 1)",
     "seed": "data split, init and per-step batches",
     "execution": "'simulate' (vmap on one device) or 'data_parallel' (shard_map over devices)",
+    "eval_params": "'workers' (mean of the workers' own losses) or 'global' (an outer loop's anchor)",
     "skip_nonfinite": "skip a step (in agreement) when any gradient or update is non-finite",
     "checkpoint_every": "steps between checkpoints, a multiple of eval_every; 0: none",
     "keep_checkpoints": "checkpoints kept (>= 1)",
@@ -60,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 50
     c.seed = 0
     c.execution = "simulate"  # or "data_parallel"
+    c.eval_params = "workers"  # or "global": evaluate optdist.outer.global_params(state), the anchor
     c.skip_nonfinite = True
     c.checkpoint_every = 0  # steps between checkpoints (a multiple of eval_every); 0: none
     c.keep_checkpoints = 2

@@ -5,6 +5,7 @@ from optdist.outer.async_local_sgd import AsyncLocalSGDState, async_local_sgd
 from optdist.outer.delayed_nesterov import DelayedNesterovState, delayed_nesterov, delayed_nesterov_outer
 from optdist.outer.diloco import diloco
 from optdist.outer.fedopt import ScaleByFedOptState, fedadagrad, fedadam, fedavg, fedyogi, scale_by_fedopt
+from optdist.outer.global_model import global_params
 from optdist.outer.local_adaptive import RoundScalingState, local_adaptive, scale_by_round_scaling
 from optdist.outer.local_sgd import local_sgd
 from optdist.outer.low_comm import muloco, sparseloco
@@ -31,6 +32,7 @@ __all__ = [
     "fedadam",
     "fedavg",
     "fedyogi",
+    "global_params",
     "local_adaptive",
     "local_sgd",
     "muloco",

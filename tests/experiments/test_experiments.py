@@ -192,3 +192,30 @@ def test_muloco_with_another_codec_sends_what_diloco_with_that_codec_sends():
         methods.METHODS["muloco"].build(
             cfg, ml_collections.ConfigDict({**methods.METHODS["muloco"].options, "codec": "fp5"}), "data"
         )
+
+
+def test_eval_params_global_evaluates_the_anchor():
+    """``eval_params='global'``: the outer loop's anchor. Evaluations right after a sync equal the
+    workers'; mid-round (before the first sync) the anchor is still the initial model."""
+    aligned = {}
+    for where in ("workers", "global"):
+        c = tiny_digits("diloco", eval_params=where)
+        c.hparams.diloco.sync_every = 10
+        aligned[where] = train.train_and_evaluate(c, None, verbose=False)["history"]
+    for a, b in zip(aligned["workers"], aligned["global"]):
+        np.testing.assert_allclose(a["test_loss"], b["test_loss"], rtol=1e-5)
+        assert a["train_loss"] == b["train_loss"] and a["bytes_per_worker"] == b["bytes_per_worker"]
+    c = tiny_digits("diloco", eval_params="global")
+    c.hparams.diloco.sync_every = 15
+    history = train.train_and_evaluate(c, None, verbose=False)["history"]
+    task = train.Task(c)
+    initial_loss, _ = task.evaluate(task.params)
+    np.testing.assert_allclose(history[0]["test_loss"], float(initial_loss), rtol=1e-5)
+    assert history[1]["test_loss"] < history[0]["test_loss"]  # the sync at step 15 moved the anchor
+
+
+def test_eval_params_global_without_an_outer_loop_is_named():
+    with pytest.raises(ValueError, match="eval_params='global'.*no outer loop"):
+        train.train_and_evaluate(tiny_digits(eval_params="global"), None, verbose=False)
+    with pytest.raises(ValueError, match="config.eval_params"):
+        train.train_and_evaluate(tiny_digits(eval_params="anchor"), None, verbose=False)

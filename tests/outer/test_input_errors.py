@@ -28,7 +28,7 @@ ALIASES = {
 
 # Public lower-case names of optdist.outer that are not outer loops (building blocks, a schedule).
 NOT_LOOPS = {"delayed_nesterov_outer", "qsr_sync_every", "scaffold_correction", "scale_by_fedopt"}
-NOT_LOOPS |= {"scale_by_round_scaling", "schedule_free_eval_params"}
+NOT_LOOPS |= {"scale_by_round_scaling", "schedule_free_eval_params", "global_params"}
 
 
 def test_every_outer_alias_is_covered():

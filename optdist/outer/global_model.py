@@ -1,0 +1,69 @@
+"""The global model of a local-update method: the shared parameters its last syncs produced."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from optdist.outer.outer_loop import OuterLoopState
+from optdist.outer.streaming_diloco import StreamingDiLoCoState
+
+_KINDS = (OuterLoopState, StreamingDiLoCoState)
+
+
+def global_params(state: Any) -> Any:
+    r"""The global (outer) parameters held in an outer loop's state: the model the run would ship.
+
+    Between syncs a local-update method's workers hold drifting copies :math:`\theta_i`; the global
+    model is the shared anchor :math:`\theta` that the last sync produced, identical on every worker:
+
+    * :func:`optdist.outer_loop` (and every alias built on it: DiLoCo, Local SGD, FedOpt, SCAFFOLD,
+      MuLoCo, SparseLoCo): :attr:`~optdist.outer.OuterLoopState.anchor`, updated at each sync;
+    * :func:`optdist.streaming_diloco`: :attr:`~optdist.outer.StreamingDiLoCoState.anchor`, whose
+      fragment ``p`` changes at fragment ``p``'s syncs only, so its fragments come from syncs up to
+      ``H`` steps apart (the global model as the method defines it; a worker's own parameters also
+      carry up to ``H`` steps of local drift, merged with weight ``1 - alpha``).
+
+    Right after a sync of :func:`optdist.outer_loop` every worker's parameters are the anchor (up to
+    one float rounding; with ``overlap=True``, plus that step's update), so evaluating either gives
+    the same loss there; for a schedule-free outer optimizer the point to evaluate is
+    :func:`~optdist.outer.schedule_free_eval_params`, not the anchor.
+
+    Works on one worker's state or on a stacked ``[workers, ...]`` state (as returned by
+    ``optdist.simulate``); the outer loop's state may sit anywhere in the tree (inside a chain,
+    ``skip_nonfinite``, ``inject_hyperparams``). The first outer-loop state in the tree's flattening
+    order is used.
+
+    Args:
+      state: an optimizer state holding an :class:`~optdist.outer.OuterLoopState` or a
+        :class:`~optdist.outer.StreamingDiLoCoState`.
+
+    Returns:
+      The anchor, structured like the parameters.
+
+    Raises:
+      ValueError: the state holds no outer loop (data parallel, compressors, gossip: their workers'
+        parameters are the model).
+
+    Example::
+
+      tx = optdist.diloco(3e-3, sync_every=100, axis_name="data")
+      ...
+      model = optdist.outer.global_params(state_w)  # [workers, ...], all equal
+    """
+    found = [
+        leaf
+        for leaf in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, _KINDS))
+        if isinstance(leaf, _KINDS)
+    ]
+    if not found:
+        raise ValueError(
+            f"global_params needs the state of an outer_loop or streaming_diloco; none found in a state "
+            f"of type {type(state).__name__}. Without an outer loop the workers' parameters are the model: "
+            "evaluate those."
+        )
+    return found[0].anchor
+
+
+__all__ = ["global_params"]
