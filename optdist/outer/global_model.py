@@ -6,10 +6,13 @@ from typing import Any
 
 import jax
 
+from optdist.outer.async_local_sgd import AsyncLocalSGDState
 from optdist.outer.outer_loop import OuterLoopState
 from optdist.outer.streaming_diloco import StreamingDiLoCoState
 
-_KINDS = (OuterLoopState, StreamingDiLoCoState)
+# Each outer-loop state and the field that holds its global parameters.
+_GLOBAL_FIELD = {OuterLoopState: "anchor", StreamingDiLoCoState: "anchor", AsyncLocalSGDState: "server"}
+_KINDS = tuple(_GLOBAL_FIELD)
 
 
 def global_params(state: Any) -> Any:
@@ -23,7 +26,9 @@ def global_params(state: Any) -> Any:
     * :func:`optdist.streaming_diloco`: :attr:`~optdist.outer.StreamingDiLoCoState.anchor`, whose
       fragment ``p`` changes at fragment ``p``'s syncs only, so its fragments come from syncs up to
       ``H`` steps apart (the global model as the method defines it; a worker's own parameters also
-      carry up to ``H`` steps of local drift, merged with weight ``1 - alpha``).
+      carry up to ``H`` steps of local drift, merged with weight ``1 - alpha``);
+    * :func:`optdist.async_local_sgd`: :attr:`~optdist.outer.AsyncLocalSGDState.server`, the server's
+      parameters after the arrivals applied so far.
 
     Right after a sync of :func:`optdist.outer_loop` every worker's parameters are the anchor (up to
     one float rounding; with ``overlap=True``, plus that step's update), so evaluating either gives
@@ -36,11 +41,11 @@ def global_params(state: Any) -> Any:
     order is used.
 
     Args:
-      state: an optimizer state holding an :class:`~optdist.outer.OuterLoopState` or a
-        :class:`~optdist.outer.StreamingDiLoCoState`.
+      state: an optimizer state holding an :class:`~optdist.outer.OuterLoopState`, a
+        :class:`~optdist.outer.StreamingDiLoCoState` or an :class:`~optdist.outer.AsyncLocalSGDState`.
 
     Returns:
-      The anchor, structured like the parameters.
+      The global parameters, structured like the parameters.
 
     Raises:
       ValueError: the state holds no outer loop (data parallel, compressors, gossip: their workers'
@@ -59,11 +64,11 @@ def global_params(state: Any) -> Any:
     ]
     if not found:
         raise ValueError(
-            f"global_params needs the state of an outer_loop or streaming_diloco; none found in a state "
-            f"of type {type(state).__name__}. Without an outer loop the workers' parameters are the model: "
-            "evaluate those."
+            "global_params needs the state of an outer_loop, streaming_diloco or async_local_sgd; none "
+            f"found in a state of type {type(state).__name__}. Without an outer loop the workers' "
+            "parameters are the model: evaluate those."
         )
-    return found[0].anchor
+    return getattr(found[0], _GLOBAL_FIELD[type(found[0])])
 
 
 __all__ = ["global_params"]

@@ -49,3 +49,17 @@ def test_a_state_without_an_outer_loop_is_refused(data):
     tx = optax.chain(optdist.mean_gradients("data"), optax.sgd(0.1))
     with pytest.raises(ValueError, match="workers' parameters are the model"):
         outer.global_params(tx.init(init_params()))
+
+
+def test_async_local_sgd_global_model_is_the_server_and_matches_diloco_mid_round(data):
+    # Equal speeds and a buffer of N: the server is Nesterov DiLoCo's anchor (tests/outer/
+    # test_async_local_sgd.py), also one step into the next round, where the workers have moved on.
+    steps = H * 2 + 1
+    tx = outer.async_local_sgd(optax.sgd(LR), H, speeds=(1,) * N, buffer_size=N)
+    p, s, _ = run(tx, steps, data)
+    ref = outer.outer_loop(optax.sgd(LR), optax.sgd(0.7, momentum=0.9, nesterov=True), H, "data")
+    _, r, _ = run(ref, steps, data)
+    np.testing.assert_allclose(
+        flat(outer.global_params(s)), flat(outer.global_params(r)), rtol=1e-5, atol=1e-6
+    )
+    assert not np.allclose(flat(outer.global_params(s)), flat(p), atol=1e-3)
