@@ -10,6 +10,9 @@ default; 6000 steps see it about 2.6 times), 6000 steps and 1024 evaluation wind
 method trains the same model on the same tokens; the evaluations at multiples of 750 steps are right
 after a sync for H = 30, 100 (not 750) and 150, and step 6000 is for every H here. One method at a time:
 ``--config.methods=<name> --config.loss_target_method=`` (about 11 minutes each on 2 CPU cores).
+Streaming DiLoCo's row is read on its global model (``--config.base.eval_params=global``: its workers'
+own parameters are never right after a full sync); for every other row here the two agree at the
+sync-aligned evaluations.
 """
 
 import ml_collections
@@ -33,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
             "muon_mean",  # session 10: data parallel with MuLoCo's Muon, the Muon rows' reference
             "muloco_h150_fp4_requantized",
             "muloco_h300_fp4_requantized",
+            "muloco_h600_fp4_requantized",  # session 11
         ]
     )
     return c
