@@ -809,7 +809,10 @@ def diloco_nb():
             Communication falls by $H\\times$ from the synchronous baseline and by the compression ratio on
             top of that. The price in test loss is visible but small on this problem (largest for top-k 1%);
             on the repository's char-LM, DiLoCo with $H=50$ ends 0.5% above synchronous AdamW with 50×
-            fewer bytes (BENCHMARKS.md). Related transforms in optdist: `optdist.streaming_diloco` (fragments
+            fewer bytes (BENCHMARKS.md). Every run here ends on a sync step, where each worker holds the
+            global model; between syncs the model to evaluate is `optdist.outer.global_params(state)` (the
+            anchor of the last sync, identical on every worker). Related transforms in optdist:
+            `optdist.streaming_diloco` (fragments
             synchronized in a staggered way, optionally overlapped), `optdist.local_sgd`,
             `optdist.fedavg` / `fedadam`, `optdist.scaffold` (control variates for heterogeneous data) and
             `optdist.qsr_sync_every` (the QSR schedule that grows $H$ as the learning rate decays).
