@@ -19,6 +19,9 @@ instead and counts
   writes the update only, ``slice`` / ``dynamic-slice`` / ``gather`` (also inside a fusion, on the
   parameter they read from) read what they output.
 
+The text is parsed by :class:`optdist.comm.hlo.HloModule`, the byte audit's parser (one HLO reader
+in the project); this module only prices what it reads.
+
 The count is per execution of the program, in bytes, for the shapes as compiled (layouts ignored:
 padding of tiled layouts is not counted). Sub-byte types (``s4``, ``u4``, ``f4``...) count as one byte.
 
@@ -34,6 +37,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+
+from optdist.comm.hlo import Computation, HloModule, Instruction
 
 _DTYPE_BYTES = {
     "pred": 1,
@@ -65,8 +70,6 @@ _FREE = {
     "opt-barrier",
 }
 _SLICING = {"slice", "dynamic-slice", "gather"}
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
-_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _ARRAY = re.compile(r"([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
 
 
@@ -89,121 +92,24 @@ def shape_bytes(type_text: str) -> int:
     return total
 
 
-def _matching(text: str, start: int) -> int:
-    """Index just past the bracket that closes the one at ``text[start]``."""
-    pairs = {"(": ")", "{": "}", "[": "]"}
-    stack = []
-    for i in range(start, len(text)):
-        ch = text[i]
-        if ch in pairs:
-            stack.append(pairs[ch])
-        elif stack and ch == stack[-1]:
-            stack.pop()
-            if not stack:
-                return i + 1
-    raise ValueError(f"unbalanced brackets in HLO line: {text[:200]!r}")
-
-
-def _split_top(text: str) -> list[str]:
-    """Splits on commas outside brackets."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch in "({[":
-            depth += 1
-        elif ch in ")}]":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i].strip())
-            start = i + 1
-    if text[start:].strip():
-        parts.append(text[start:].strip())
-    return parts
-
-
-@dataclass
-class Instruction:
-    name: str
-    type_text: str
-    opcode: str
-    operands: list[str]
-    attrs: str
-    root: bool
-    args_text: str  # the text inside the opcode's parentheses (a constant's literal, a parameter's number)
-
-    @property
-    def nbytes(self) -> int:
-        return shape_bytes(self.type_text)
-
-    def attr(self, key: str) -> str | None:
-        m = re.search(rf"\b{key}=%?([\w.\-]+)", self.attrs)
-        return m.group(1) if m else None
-
-
-@dataclass
-class Computation:
-    name: str
-    entry: bool
-    instructions: dict[str, Instruction] = field(default_factory=dict)
-
-    @property
-    def root(self) -> Instruction:
-        return next(i for i in self.instructions.values() if i.root)
-
-    def users(self, name: str) -> list[tuple[Instruction, int]]:
-        """``(instruction, operand number)`` of every use of ``name``."""
-        if not hasattr(self, "_users"):
-            index: dict[str, list[tuple[Instruction, int]]] = {}
-            for instr in self.instructions.values():
-                for k, op in enumerate(instr.operands):
-                    index.setdefault(op, []).append((instr, k))
-            self._users = index
-        return self._users.get(name, [])
-
-
-def _parse_instruction(line: str) -> Instruction | None:
-    m = _INSTR.match(line)
-    if not m:
-        return None
-    root, name, rhs = bool(m.group(1)), m.group(2), m.group(3).strip()
-    if rhs.startswith("("):
-        end = _matching(rhs, 0)
-    else:
-        end = rhs.index(" ")
-    type_text, rest = rhs[:end], rhs[end:].strip()
-    op = re.match(r"([\w\-]+)\(", rest)
-    if not op:
-        return None
-    close = _matching(rest, op.end() - 1)
-    inside, attrs = rest[op.end() : close - 1], rest[close:].lstrip(", ")
-    operands = []
-    if op.group(1) != "constant":
-        for token in _split_top(inside):
-            ref = re.search(r"%?([\w.\-]+)\s*$", token)
-            if ref:
-                operands.append(ref.group(1))
-    return Instruction(name, type_text, op.group(1), operands, attrs, root, inside.strip())
-
-
 def parse(hlo_text: str) -> dict[str, Computation]:
-    """Computations of an HLO module's text by name (the entry one has ``entry=True``)."""
-    computations: dict[str, Computation] = {}
-    current = None
-    for line in hlo_text.splitlines():
-        if current is None:
-            m = _HEADER.match(line)
-            if m:
-                current = Computation(m.group(2), bool(m.group(1)))
-                computations[current.name] = current
-            continue
-        if line.strip() == "}":
-            current = None
-            continue
-        instr = _parse_instruction(line)
-        if instr is not None:
-            current.instructions[instr.name] = instr
-    if not any(c.entry for c in computations.values()):
-        raise ValueError("no ENTRY computation in the HLO text (pass compiled.as_text()).")
-    return computations
+    """Computations of an HLO module's text by name, parsed by :class:`optdist.comm.hlo.HloModule`."""
+    return HloModule(hlo_text).computations
+
+
+def _nbytes(instr: Instruction) -> int:
+    return shape_bytes(instr.shape)
+
+
+def _attr(instr: Instruction, key: str) -> str | None:
+    """A ``key=%name`` attribute's name (without ``%``), or None."""
+    value = instr.attribute(key)
+    return value.lstrip("%") if value else None
+
+
+def _users(comp: Computation, name: str) -> list[tuple[Instruction, int]]:
+    """``(instruction, operand number)`` of every use of ``name`` in ``comp``."""
+    return [(u, j) for u in comp.users(name) for j, op in enumerate(u.operands) if op == name]
 
 
 @dataclass
@@ -240,39 +146,37 @@ class _Counter:
         self._scale = 1  # product of the trip counts of the loops being counted
 
     def trip_count(self, comp: Computation, loop: Instruction) -> int | None:
-        m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attrs)
+        m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attributes)
         if m:
             return int(m.group(1))
         return self._trip_from_condition(comp, loop)
 
     def _trip_from_condition(self, comp: Computation, loop: Instruction) -> int | None:
         """``i < N`` (or ``<=``) in the condition, ``i`` a tuple element starting at a constant."""
-        cond = self.comps.get(loop.attr("condition") or "")
+        cond = self.comps.get(_attr(loop, "condition") or "")
         if cond is None:
             return None
         root = cond.root
-        args = [cond.instructions.get(o) for o in root.operands]
+        args = [cond.get(o) for o in root.operands]
         if root.opcode == "fusion":  # the compare wrapped in a fusion: map its parameters back out
-            inner = self.comps.get(root.attr("calls") or "")
+            inner = self.comps.get(_attr(root, "calls") or "")
             if inner is None:
                 return None
-            numbers = {
-                i.name: int(i.args_text) for i in inner.instructions.values() if i.opcode == "parameter"
-            }
+            numbers = {i.name: int(i.literal) for i in inner.instructions if i.opcode == "parameter"}
             outer_names = cond.root.operands
             root = inner.root
             if any(o not in numbers for o in root.operands):
                 return None
-            args = [cond.instructions.get(outer_names[numbers[o]]) for o in root.operands]
+            args = [cond.get(outer_names[numbers[o]]) for o in root.operands]
         if root.opcode != "compare" or len(args) != 2 or None in args:
             return None
-        direction = re.search(r"direction=(\w+)", root.attrs)
+        direction = re.search(r"direction=(\w+)", root.attributes)
         gte, bound = args
         if gte.opcode != "get-tuple-element":
             return None
         limit = self.literal(cond, bound.name)
-        index = int(re.search(r"index=(\d+)", gte.attrs).group(1))
-        init_tuple = comp.instructions.get(loop.operands[0])
+        index = int(re.search(r"index=(\d+)", gte.attributes).group(1))
+        init_tuple = comp.get(loop.operands[0])
         if limit is None or init_tuple is None or init_tuple.opcode != "tuple":
             return None
         start = self.literal(comp, init_tuple.operands[index])
@@ -281,21 +185,21 @@ class _Counter:
         return max(0, limit - start + (direction.group(1) == "LE"))
 
     def literal(self, comp: Computation, name: str) -> int | None:
-        instr = comp.instructions.get(name)
+        instr = comp.get(name)
         while instr is not None and instr.opcode in ("copy", "convert", "bitcast") and instr.operands:
-            instr = comp.instructions.get(instr.operands[0])
+            instr = comp.get(instr.operands[0])
         if instr is None or instr.opcode != "constant":
             return None
-        m = re.fullmatch(r"\s*(-?\d+)\s*", instr.args_text)
+        m = re.fullmatch(r"\s*(-?\d+)\s*", instr.literal)
         return int(m.group(1)) if m else None
 
     def computation(self, name: str, once: bool = False) -> int:
         comp = self.comps[name]
         total = 0
-        for instr in comp.instructions.values():
+        for instr in comp.instructions:
             nbytes = self.instruction(comp, instr, once)
             if nbytes and instr.opcode not in ("while", "conditional", "call", "async-start"):
-                self.records.append((instr.name, instr.opcode, instr.type_text, nbytes * self._scale))
+                self.records.append((instr.name, instr.opcode, instr.shape, nbytes * self._scale))
             total += nbytes
         return total
 
@@ -306,8 +210,8 @@ class _Counter:
         if op == "while":
             trips = 1 if once else self.trip_count(comp, instr)
             self._scale *= trips or 1
-            body = self.computation(instr.attr("body"), once=once)
-            cond = self.computation(instr.attr("condition"), once=once)
+            body = self.computation(_attr(instr, "body"), once=once)
+            cond = self.computation(_attr(instr, "condition"), once=once)
             self._scale //= trips or 1
             if once:
                 return body + cond
@@ -317,58 +221,58 @@ class _Counter:
             self.loops.append((instr.name, trips, body + cond))
             return trips * body + (trips + 1) * cond
         if op == "conditional":
-            names = re.findall(r"%?([\w.\-]+)", _branch_list(instr.attrs))
+            names = re.findall(r"%?([\w.\-]+)", _branch_list(instr.attributes))
             return self.operand_bytes(comp, instr.operands[:1]) + max(
                 (self.computation(n, once=once) for n in names), default=0
             )
-        if op in ("call", "async-start") and instr.attr("to_apply" if op == "call" else "calls"):
-            return self.computation(instr.attr("to_apply" if op == "call" else "calls"), once=once)
+        called = (
+            _attr(instr, "to_apply" if op == "call" else "calls") if op in ("call", "async-start") else None
+        )
+        if called:
+            return self.computation(called, once=once)
         if op in _SLICING:
-            return 2 * instr.nbytes + self.operand_bytes(comp, instr.operands[1:])
+            return 2 * _nbytes(instr) + self.operand_bytes(comp, instr.operands[1:])
         if op == "dynamic-update-slice":
-            update = comp.instructions[instr.operands[1]].nbytes
+            update = _nbytes(comp[instr.operands[1]])
             return 2 * update + self.operand_bytes(comp, instr.operands[2:])
         if op == "fusion":
             return self.fusion(comp, instr)
-        return self.operand_bytes(comp, instr.operands) + instr.nbytes
+        return self.operand_bytes(comp, instr.operands) + _nbytes(instr)
 
-    def operand_bytes(self, comp: Computation, names: list[str]) -> int:
-        return sum(comp.instructions[n].nbytes for n in names if n in comp.instructions)
+    def operand_bytes(self, comp: Computation, names) -> int:
+        return sum(_nbytes(comp[n]) for n in names if comp.get(n) is not None)
 
     def fusion(self, comp: Computation, instr: Instruction) -> int:
-        fused = self.comps.get(instr.attr("calls") or "")
+        fused = self.comps.get(_attr(instr, "calls") or "")
         if fused is None:
-            return self.operand_bytes(comp, instr.operands) + instr.nbytes
-        params = {}
-        for p in fused.instructions.values():
-            if p.opcode == "parameter":
-                params[int(p.args_text)] = p
+            return self.operand_bytes(comp, instr.operands) + _nbytes(instr)
+        params = {int(p.literal): p for p in fused.instructions if p.opcode == "parameter"}
         root = fused.root
-        outputs = [fused.instructions[o] for o in root.operands] if root.opcode == "tuple" else [root]
+        outputs = [fused[o] for o in root.operands] if root.opcode == "tuple" else [root]
         in_place = {o.operands[0] for o in outputs if o.opcode == "dynamic-update-slice"}
         total = 0
         for k, name in enumerate(instr.operands):
-            outer = comp.instructions.get(name)
+            outer = comp.get(name)
             param = params.get(k)
             if outer is None:
                 continue
             if param is None:
-                total += outer.nbytes
+                total += _nbytes(outer)
                 continue
-            users = fused.users(param.name)
+            users = _users(fused, param.name)
             if param.name in in_place and all(
                 u.opcode == "dynamic-update-slice" and j == 0 for u, j in users
             ):
                 continue  # the aliased buffer of an in-place update: only the update is touched
             if users and all(u.opcode in _SLICING and j == 0 for u, j in users):
-                total += sum(u.nbytes for u, _ in users)
+                total += sum(_nbytes(u) for u, _ in users)
             else:
-                total += outer.nbytes
+                total += _nbytes(outer)
         for out in outputs:
             if out.opcode == "dynamic-update-slice":
-                total += fused.instructions[out.operands[1]].nbytes
+                total += _nbytes(fused[out.operands[1]])
             else:
-                total += out.nbytes
+                total += _nbytes(out)
         return total
 
 
@@ -382,8 +286,8 @@ def _branch_list(attrs: str) -> str:
 
 def bytes_accessed(hlo_text: str) -> Cost:
     """Bytes accessed by one run of the compiled program whose optimized HLO is ``hlo_text``."""
-    comps = parse(hlo_text)
-    entry = next(c.name for c in comps.values() if c.entry)
+    module = HloModule(hlo_text)
+    comps, entry = module.computations, module.entry
     counter = _Counter(comps)
     total = counter.computation(entry)
     once = _Counter(comps).computation(entry, once=True)

@@ -135,6 +135,7 @@ class Instruction:
     attributes: str
     computation: str
     literal: str = ""  # the text between the opcode's parentheses (``parameter(0)``, ``constant(7)``)
+    root: bool = False  # printed ``ROOT``: the computation's result
 
     @property
     def arrays(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -193,6 +194,13 @@ class Computation:
 
     def __getitem__(self, name: str) -> Instruction:
         return self._by_name[name]
+
+    def get(self, name: str) -> Instruction | None:
+        return self._by_name.get(name)
+
+    @property
+    def root(self) -> Instruction:
+        return next(i for i in self.instructions if i.root)
 
     def users(self, name: str) -> list[Instruction]:
         return [i for i in self.instructions if name in i.operands]
@@ -578,7 +586,7 @@ def _parse_instruction(line: str, computation: str) -> Instruction | None:
     found = _INSTRUCTION.match(line)
     if not found:
         return None
-    name, rest = found.group(2), found.group(3).strip()
+    root, name, rest = bool(found.group(1)), found.group(2), found.group(3).strip()
     if rest.startswith("("):
         end = _matching(rest, 0)
         shape, rest = rest[: end + 1], rest[end + 1 :].strip()
@@ -594,7 +602,7 @@ def _parse_instruction(line: str, computation: str) -> Instruction | None:
     operands = tuple(_NAME.findall(rest[open_at + 1 : close]))
     attributes = rest[close + 1 :].lstrip(", ")
     literal = rest[open_at + 1 : close].strip()
-    return Instruction(name, shape, opcode.group(0), operands, attributes, computation, literal)
+    return Instruction(name, shape, opcode.group(0), operands, attributes, computation, literal, root)
 
 
 def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:

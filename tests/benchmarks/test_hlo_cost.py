@@ -54,9 +54,9 @@ def test_fori_loop_of_10_counts_10_bodies():
 
 def _condition_bytes(compiled):
     comps = hlo_cost.parse(compiled.as_text())
-    loop = next(i for c in comps.values() for i in c.instructions.values() if i.opcode == "while")
+    loop = next(i for c in comps.values() for i in c.instructions if i.opcode == "while")
     counter = hlo_cost._Counter(comps)
-    return counter.computation(loop.attr("condition"))
+    return counter.computation(hlo_cost._attr(loop, "condition"))
 
 
 def test_trip_count_scales_and_xla_does_not():
