@@ -40,16 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optdist._tree import instances
 from optdist.comm.accounting import ByteCounter, bytes_sent
 from optdist.comm.axes import AxisName, validate_axis_name
 from optdist.comm.channel import Channel
 
 Metrics = dict[str, Any]
-
-
-def _byte_counters(state: Any) -> list[ByteCounter]:
-    leaves = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, ByteCounter))
-    return [leaf for leaf in leaves if isinstance(leaf, ByteCounter)]
 
 
 def worker_metrics(loss: jax.Array, params: Any = None, axis_name: AxisName = None) -> Metrics:
@@ -200,7 +196,7 @@ def _metrics(loss, params, axis_name, opt_state) -> Metrics:
         metrics = {"loss": jnp.asarray(loss, jnp.float32)}
     else:
         metrics = worker_metrics(loss, params, axis_name)
-    metrics["bytes_sent"] = _byte_counters(opt_state)
+    metrics["bytes_sent"] = instances(opt_state, ByteCounter)
     return metrics
 
 

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optdist._tree import instances
 from optdist.comm.axes import AxisName
 
 _WORD = 1 << 32
@@ -80,11 +81,6 @@ class ByteCounter:
 jax.tree_util.register_dataclass(ByteCounter, data_fields=["hi", "lo"], meta_fields=["axis"])
 
 
-def _counters(state: Any) -> list[ByteCounter]:
-    leaves = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, ByteCounter))
-    return [leaf for leaf in leaves if isinstance(leaf, ByteCounter)]
-
-
 def bytes_sent(state: Any, axis_name: AxisName | str = "all") -> np.ndarray:
     """Total bytes sent per worker, read from every counter in an optimizer state.
 
@@ -100,7 +96,7 @@ def bytes_sent(state: Any, axis_name: AxisName | str = "all") -> np.ndarray:
       An int64 array: a scalar for one worker's state, or shape ``[num_workers]``
       for a state carrying a leading worker axis (0 for a state without counters).
     """
-    counters = _counters(state)
+    counters = instances(state, ByteCounter)
     if axis_name != "all":
         matching = [c for c in counters if c.axis == axis_name]
         if counters and not matching:

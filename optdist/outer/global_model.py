@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-
+from optdist._tree import instances
 from optdist.outer.async_local_sgd import AsyncLocalSGDState
 from optdist.outer.outer_loop import OuterLoopState
 from optdist.outer.streaming_diloco import StreamingDiLoCoState
@@ -57,11 +56,7 @@ def global_params(state: Any) -> Any:
       ...
       model = optdist.outer.global_params(state_w)  # [workers, ...], all equal
     """
-    found = [
-        leaf
-        for leaf in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, _KINDS))
-        if isinstance(leaf, _KINDS)
-    ]
+    found = instances(state, _KINDS)
     if not found:
         raise ValueError(
             "global_params needs the state of an outer_loop, streaming_diloco or async_local_sgd; none "

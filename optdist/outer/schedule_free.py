@@ -46,24 +46,13 @@ import jax
 import jax.numpy as jnp
 from optax.contrib import ScheduleFreeState
 
+from optdist._tree import instances
 from optdist.outer.outer_loop import OuterLoopState
 
 
 def _find(tree: Any, kind: type) -> Any:
-    """The first instance of ``kind`` in a state tree (tuples, NamedTuples, lists, dicts), or None."""
-    if isinstance(tree, kind):
-        return tree
-    if isinstance(tree, dict):
-        children = tree.values()
-    elif isinstance(tree, (tuple, list)):
-        children = tree
-    else:
-        return None
-    for child in children:
-        found = _find(child, kind)
-        if found is not None:
-            return found
-    return None
+    """The first instance of ``kind`` in a state tree, or None."""
+    return next(iter(instances(tree, kind)), None)
 
 
 def _eval(sf: ScheduleFreeState, params: Any) -> Any:

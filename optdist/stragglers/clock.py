@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optdist import _checks
+from optdist._tree import instances
 
 
 class DelayModel(NamedTuple):
@@ -150,9 +151,5 @@ def simulated_time(state: Any) -> float | None:
     from optdist.stragglers.gradient_coding import CodedMeanState
 
     kinds = (BackupState, DynamicBackupState, CodedMeanState)
-    found = [
-        float(np.max(np.asarray(x.wall_time)))
-        for x in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, kinds))
-        if isinstance(x, kinds)
-    ]
+    found = [float(np.max(np.asarray(x.wall_time))) for x in instances(state, kinds)]
     return max(found) if found else None
