@@ -100,7 +100,8 @@ def fused_quantizer(
             return acc
         return decode_accumulate(payload, acc, scheme=scheme, bucket_size=bucket_size, impl=impl)
 
-    return gathered_ef(name, encode_ef, decode_into)
+    # The sign's bit-packed words: a scan over the workers keeps their unpacking out of the consumers.
+    return gathered_ef(name, encode_ef, decode_into, receive="scan" if scheme == "sign" else "unrolled")
 
 
 def _xla_encoder(scheme: str, bucket_size: int, rounding: str, norm: str, levels: int):

@@ -100,7 +100,7 @@ def rand_k(ratio: float, seed: int = 0, sampling: str = "stratified", shared: bo
         return jnp.zeros((size,), values.dtype).at[idx].set(values)
 
     if shared:
-        return summable(f"rand_k({ratio:g}, {sampling})", encode, decode)
+        return summable(f"rand_k({ratio:g}, {sampling})", encode, decode, placing=True)
 
     def encode_own(x, key):  # key: this worker's; sent so that receivers rebuild its coordinates
         return {**encode(x, key, None), "key": jax.random.key_data(key)}

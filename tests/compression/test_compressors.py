@@ -91,6 +91,27 @@ def test_rand_k_independent_draws_average_over_workers():
     assert expected[False] < 0.5 * expected[True]  # the regime where independent draws pay
 
 
+def test_placing_decode_applies_the_mean_to_the_payload_bit_for_bit():
+    """``summable(..., placing=True)`` (rand-k) divides the summed payload by ``n`` before a decode
+    that only places entries: the same mean, bit for bit, as dividing the decoded vector."""
+    from optdist.compression.base import summable
+
+    idx = jnp.array([7, 2, 30, 11, 19])
+    encode = lambda x, key, aux: {"values": x[idx] * 2.7}
+    decode = lambda payload, size, key, aux: jnp.zeros((size,)).at[idx].set(payload["values"])
+    x = jax.random.normal(jax.random.key(4), (3, 32)) * 1e3  # n = 3: 1/n is inexact
+    key = jax.random.key(0)
+
+    def mean(placing):
+        comp = summable("placed", encode, decode, placing=placing)
+        run = lambda g: comp.aggregate({"v": g}, (), key, jnp.int32(0), Channel("data")).mean["v"]
+        return np.asarray(optdist.simulate(run, "data")(x))
+
+    placed, divided = mean(True), mean(False)
+    np.testing.assert_array_equal(placed, divided)
+    assert np.count_nonzero(placed[0]) == len(idx)
+
+
 def test_terngrad_clipping_is_biased_toward_zero():
     x = {"v": jnp.concatenate([jnp.full((1,), 50.0), jnp.ones((63,))])}
     keys = jax.random.split(jax.random.key(3), 512)

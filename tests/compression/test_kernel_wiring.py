@@ -138,3 +138,31 @@ def test_without_feedback_pallas_equals_xla():
     g = np.asarray(GRADS["w"], np.float64)
     step = np.abs(g).max() / 127
     assert np.abs(np.asarray(out_x["w"], np.float64)[0] - g.mean(0)).max() <= 0.5 * step + 1e-6
+
+
+@pytest.mark.parametrize("scheme", ["int8", "ternary", "sign"])
+def test_scanned_and_unrolled_receive_sums_are_bit_identical(scheme):
+    """``gathered_ef(receive=...)``: the scan over workers (the bucketed sign's form) and the unrolled
+    worker-order sum make the same additions in the same order, so the mean and residual bits agree."""
+    from optdist.compression.base import gathered_ef
+    from optdist_kernels import decode_accumulate, ef_quantize
+
+    def encode_ef(x, e, key):
+        payload, e_new = ef_quantize(x, e, key, scheme=scheme, bucket_size=256, impl="xla")
+        buckets = -(-x.shape[0] // 256)
+        return {k: v[:buckets] for k, v in payload.items()}, e_new
+
+    decode = lambda payload, acc: decode_accumulate(payload, acc, scheme=scheme, bucket_size=256, impl="xla")
+    grads = jax.tree_util.tree_map(lambda g: g[:, 0], GRADS)
+    errors = jax.tree_util.tree_map(lambda g: 0.3 * g[:, 1], GRADS)
+
+    def step(receive):
+        comp = gathered_ef("q", encode_ef, decode, receive=receive)
+        run = lambda g, e: comp.aggregate_ef(g, e, (), jax.random.key(0), jnp.int32(0), optdist.Channel("d"))
+        agg, new_error = optdist.simulate(run, "d")(grads, errors)
+        return agg.mean, new_error
+
+    scanned, unrolled = step("scan"), step("unrolled")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, scanned, unrolled)
+    with pytest.raises(ValueError, match="receive"):
+        gathered_ef("q", encode_ef, decode, receive="tree")
