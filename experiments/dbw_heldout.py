@@ -53,12 +53,11 @@ def config_for(seed: int):
     c = digits_stragglers.get_config()
     c.base.eval_every = 5
     c.base.seed = seed
-    clock = {"delays": "pareto", "delay_a": 1.0, "delay_b": 1.5, "clock_seed": seed}
-    dbw = dict(c.variants.dbw.to_dict(), clock_seed=seed)
+    static = dict(c.variants.backup_b2.to_dict(), clock_seed=seed)  # the config's clock, this seed
     c.variants = ml_collections.ConfigDict(
         {
-            **{f"backup_b{b}": {"method": "backup", "num_backup": b, **clock} for b in STATIC_BACKUPS},
-            DBW: dbw,
+            **{f"backup_b{b}": dict(static, num_backup=b) for b in STATIC_BACKUPS},
+            DBW: dict(c.variants.dbw.to_dict(), clock_seed=seed),
         }
     )
     c.methods = ",".join(run_names())
