@@ -593,10 +593,12 @@ def test_multisteps_accumulates_and_bfloat16_parameters_stay_bfloat16(name):
         direct, _ = inner.update(grads, inner.init(p), p)  # the inner update of this (mean) gradient
         # Two training steps on bfloat16 parameters (test_common's train step, chained with SGD for
         # gradient outputs): the parameters and the state keep their dtypes.
-        trained, state = p, full.init(p)
-        for _ in range(2):
+        def train_step(carry, _):
+            trained, state = carry
             updates, state = full.update(jax.grad(linear_loss)(trained, batch), state, trained)
-            trained = optax.apply_updates(trained, updates)
+            return (optax.apply_updates(trained, updates), state), None
+
+        (trained, state), _ = jax.lax.scan(train_step, (p, full.init(p)), None, length=2)
 
         def mini_step(ms_state, _):  # parameters do not move on mini-steps: every gradient is equal
             updates, ms_state = multi.update(grads, ms_state, p)
