@@ -591,6 +591,7 @@ def test_multisteps_accumulates_and_bfloat16_parameters_stay_bfloat16(name):
     def run(p, batch):
         grads = jax.grad(linear_loss)(p, batch)
         direct, _ = inner.update(grads, inner.init(p), p)  # the inner update of this (mean) gradient
+
         # Two training steps on bfloat16 parameters (test_common's train step, chained with SGD for
         # gradient outputs): the parameters and the state keep their dtypes.
         def train_step(carry, _):
