@@ -39,6 +39,11 @@ not. Nothing here changes a compressor: the figures measure the library as it is
   python -m experiments.benchmarks.compression_cost --out cost.json          # ~2 min on 2 CPU cores
   python -m experiments.benchmarks.compression_cost --small                  # seconds (smoke)
   python -m experiments.benchmarks.compression_cost --full --out cost.json   # the 25.6M tree
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+    python -m experiments.benchmarks.compression_cost --execution shard_map   # one worker per device
+
+Under ``--execution shard_map`` the collectives are real (XLA:CPU, for one, then promotes a bf16
+all-reduce to float32 around it: converts the simulated step does not have).
 """
 
 from __future__ import annotations
@@ -139,11 +144,21 @@ def _tree(args) -> dict[str, tuple[int, ...]]:
     return resnet50_shapes(width_divisor=args.width_divisor, num_classes=args.num_classes, blocks=blocks)
 
 
-def measure_step(tx, params, grads, workers: int, repeats: int) -> tuple[dict, Callable[[], float]]:
-    """Compiles one simulated step of ``tx``: its bytes (XLA's, trip-counted), sent bytes and time,
-    and a function that times it again."""
+def measure_step(
+    tx, params, grads, workers: int, repeats: int, execution: str = "simulate"
+) -> tuple[dict, Callable[[], float]]:
+    """Compiles one step of ``tx`` (simulated workers, or ``shard_map`` with one worker per device): its
+    bytes (XLA's, trip-counted; under ``shard_map`` one device's program times ``workers``, every device
+    running the same program), sent bytes and time, and a function that times it again."""
     state = optdist.replicate(tx.init(params), workers)
-    step = optdist.simulate(lambda g, s: tx.update(g, s, params), "data")
+    fn = lambda g, s: tx.update(g, s, params)  # noqa: E731
+    devices = 1
+    if execution == "shard_map":
+        devices = workers
+        mesh = jax.make_mesh((workers,), ("data",), devices=jax.devices()[:workers])
+        step = jax.jit(optdist.data_parallel(fn, mesh, "data"))
+    else:
+        step = optdist.simulate(fn, "data")
     start = time.perf_counter()
     compiled = step.lower(grads, state).compile()
     compile_s = time.perf_counter() - start
@@ -155,9 +170,9 @@ def measure_step(tx, params, grads, workers: int, repeats: int) -> tuple[dict, C
     seconds = timer()
     _, new_state = compiled(grads, state)
     measured = {
-        "xla_bytes": hlo_cost.xla_bytes_accessed(compiled),
-        "hlo_bytes": cost.total,
-        "hlo_bytes_once": cost.once,
+        "xla_bytes": devices * hlo_cost.xla_bytes_accessed(compiled),
+        "hlo_bytes": devices * cost.total,
+        "hlo_bytes_once": devices * cost.once,
         "loops": sum(1 for _, trips, _ in cost.loops if trips > 1),
         "loop_trip_counts": sorted({trips for _, trips, _ in cost.loops}),
         "unknown_trip_counts": len(cost.unknown_trip_counts),
@@ -192,13 +207,16 @@ def run(args) -> dict:
         "repeats": args.repeats,
         "tree": "full" if args.full else "small" if args.small else f"1/{args.width_divisor} {args.blocks}",
         "floor_formula": FLOOR_FORMULA,
+        "execution": args.execution,
     }
     results = Results(args.out, "compression_cost", info, config)
-    print(f"{num_params:,} params in {len(shapes)} leaves, {w} simulated workers, {describe(info)}")
+    workers = f"{w} simulated workers" if args.execution == "simulate" else f"{w} devices (shard_map)"
+    print(f"{num_params:,} params in {len(shapes)} leaves, {workers}, {describe(info)}")
     print(FLOOR_FORMULA)
     print(format_header(COLUMNS), flush=True)
     progress = Progress(len(rows) + 1)
-    exact, exact_timer = measure_step(optdist.mean_gradients("data"), params, grads, w, args.repeats)
+    measure = lambda tx: measure_step(tx, params, grads, w, args.repeats, args.execution)  # noqa: E731
+    exact, exact_timer = measure(optdist.mean_gradients("data"))
     exact_times = [exact["seconds"]]
     progress.step("exact_mean")
 
@@ -222,7 +240,7 @@ def run(args) -> dict:
     for name, make, fb in rows:
         try:
             tx = optdist.compressed_mean(make(), "data", feedback=fb)
-            m, _ = measure_step(tx, params, grads, w, args.repeats)
+            m, _ = measure(tx)
             # The exact mean is timed again after every row: each row's baseline is the mean of the exact
             # timings just before and just after it, so drift on a shared machine affects both alike.
             exact_times.append(exact_timer())
@@ -240,7 +258,7 @@ def run(args) -> dict:
     spread = f"{1e3 * min(exact_times):.2f}-{1e3 * max(exact_times):.2f}"
     print()
     print_rows(
-        f"compressed_mean step cost ({num_params:,} params, {w} simulated workers; each time ratio is "
+        f"compressed_mean step cost ({num_params:,} params, {workers}; each time ratio is "
         f"against the exact mean timed next to it: median {exact_row['ms']:.2f} ms, range {spread} ms)",
         [r for r in results.rows if "seconds" in r],
         COLUMNS,
@@ -264,11 +282,23 @@ def main(argv: list[str] | None = None) -> dict:
         "--feedbacks", default=None, help="comma list of none,ef,ef21,econtrol for every compressor"
     )
     parser.add_argument("--only", nargs="*", default=None, help="run rows whose name contains one of these")
+    parser.add_argument(
+        "--execution",
+        choices=("simulate", "shard_map"),
+        default="simulate",
+        help="simulated workers (vmap), or shard_map with one worker per device (needs --workers devices)",
+    )
     args = parser.parse_args(argv)
     if args.feedbacks and not set(args.feedbacks.split(",")) <= {"none", "ef", "ef21", "econtrol"}:
         parser.error(f"--feedbacks takes none, ef, ef21, econtrol; got {args.feedbacks!r}")
     if args.workers < 1 or args.repeats < 1:
         parser.error("--workers and --repeats must be >= 1")
+    if args.execution == "shard_map" and jax.device_count() < args.workers:
+        parser.error(
+            f"--execution shard_map runs one worker per device: --workers {args.workers} needs that many "
+            f"devices, this process has {jax.device_count()} (on CPU: "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={args.workers})"
+        )
     return run(args)
 
 

@@ -252,7 +252,7 @@ def summable(
         aux = list(prepare(flats, channel)) if (prepare is not None and flats) else [None] * len(flats)
         payloads = [encode(f, keys[i], a) for f, i, a in zip(flats, compressed, aux)]
         local = [decode(p, f.shape[0], keys[i], a) for p, f, i, a in zip(payloads, flats, compressed, aux)]
-        summed, plain_sum = packed(channel.psum, (payloads, [leaves[i] for i in plain]))
+        summed, plain_sum = channel.psum((payloads, [leaves[i] for i in plain]))
         n = channel.size
         mean_leaves = list(leaves)
         local_leaves = list(leaves)
@@ -378,7 +378,7 @@ def _exchange(
             mean_leaves[i] = restore(leaves[i], mean_of(stacked[j], leaves[i]))
     plain = [i for i in range(len(leaves)) if i not in compressed]
     if plain:
-        for i, m in zip(plain, packed(channel.pmean, [leaves[i] for i in plain])):
+        for i, m in zip(plain, channel.pmean([leaves[i] for i in plain])):
             mean_leaves[i] = m
     return mean_leaves
 

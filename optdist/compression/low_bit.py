@@ -243,7 +243,7 @@ def _finish(leaves, treedef, chosen, mean_leaves, local_leaves, state, channel):
     """The :class:`Aggregate` of a collective protocol: the leaves it did not compress go through one
     plain all-reduce mean (and are their own ``local``)."""
     plain = [i for i in range(len(leaves)) if i not in chosen]
-    for i, v in zip(plain, packed(channel.pmean, [leaves[i] for i in plain]) if plain else []):
+    for i, v in zip(plain, channel.pmean([leaves[i] for i in plain]) if plain else []):
         mean_leaves[i] = v
     unflat = lambda ls: jax.tree_util.tree_unflatten(treedef, ls)  # noqa: E731
     return Aggregate(unflat(mean_leaves), unflat(local_leaves), state)
@@ -310,7 +310,7 @@ def _summed_quantizer(bits, chunk_size, scale, rounding, chunk_scales) -> Compre
             )
         leaves, treedef, keys, chosen, flats = _inputs(x, name, key, channel, compressible)
         rows = [_chunks(f, chunk_size) for f in flats]
-        scales = packed(channel.pmax, [chunk_scales(f, r).astype(jnp.float32) for f, r in zip(flats, rows)])
+        scales = channel.pmax([chunk_scales(f, r).astype(jnp.float32) for f, r in zip(flats, rows)])
         codes, local_leaves = [], list(leaves)
         for j, i in enumerate(chosen):
             s = scales[j][:, None]
@@ -319,7 +319,7 @@ def _summed_quantizer(bits, chunk_size, scale, rounding, chunk_scales) -> Compre
             u = jnp.clip(jnp.floor(u + noise), 0, top).astype(jnp.int32)
             codes.append(pack_codes(u.reshape(-1)[: flats[j].size], bits))
             local_leaves[i] = restore(leaves[i], _decode_summed(u, s, top, 1, flats[j].size))
-        sums = packed(channel.psum, codes)
+        sums = channel.psum(codes)
         mean_leaves = list(leaves)
         for j, i in enumerate(chosen):
             size = flats[j].size

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optdist import _checks
-from optdist.comm.packing import compute_dtype, packed
+from optdist.comm.packing import compute_dtype
 from optdist.compression.base import Aggregate, Compressor, flatten_floating
 
 _ORTHOGONALIZATIONS = ("auto", "qr", "gram_schmidt")
@@ -399,7 +399,7 @@ def powersgd(
                     p = jnp.stack([_matmul(mb, q[b]) for b, mb in enumerate(m)])
                 ms.append(m)
                 ps.append(p)
-            ps, plain_means = packed(channel.pmean, (ps, [sent_exactly[i] for i in plain]))
+            ps, plain_means = channel.pmean((ps, [sent_exactly[i] for i in plain]))
             ps = [passes.orthonormalize(p, g) for p, g in zip(ps, groups)]
             new_qs = []
             for m, p, kernel in zip(ms, ps, on_kernels):
@@ -407,7 +407,7 @@ def powersgd(
                     new_qs.append(_matmul(_transpose(m), p))
                 else:  # Q_b = M_bᵀ P̂_b, as (P̂_bᵀ M_b)ᵀ: M_b read in place, no transposed copy
                     new_qs.append(jnp.stack([_transpose(_left_product(p[b], mb)) for b, mb in enumerate(m)]))
-            qs = packed(channel.pmean, new_qs)
+            qs = channel.pmean(new_qs)
             out = list(leaves)
             second = list(leaves) if errors is None else list(zero_error)
             for g, m, p, q, kernel in zip(groups, ms, ps, qs, on_kernels):
@@ -429,7 +429,7 @@ def powersgd(
             return out, second, tuple(qs) if warm_start else ()
 
         def exact(channel):
-            out = packed(channel.pmean, sent_exactly)
+            out = channel.pmean(sent_exactly)
             return out, list(leaves) if errors is None else list(zero_error), tuple(state.q)
 
         if start_step == 0 or not groups:

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from experiments.benchmarks import compression_cost
 
 
@@ -47,3 +49,22 @@ def test_smoke(tmp_path, capsys, monkeypatch):
         assert row["hlo_bytes"] >= row["hlo_bytes_once"] > 0
         assert row["hlo_ratio"] == row["hlo_bytes"] / row["floor_bytes"]
     assert "floor = W*G" in capsys.readouterr().out
+
+
+def test_shard_map_execution_sends_the_simulated_bytes(monkeypatch):
+    tiny = {"kernel": (32, 10), "bias": (10,)}
+    monkeypatch.setattr(compression_cost, "resnet50_shapes", lambda *args, **kwargs: tiny)
+    common = ["--small", "--repeats", "1", "--only", "cast_bf16"]
+    simulated = compression_cost.main(common)
+    meshed = compression_cost.main([*common, "--execution", "shard_map"])
+    assert meshed["config"]["execution"] == "shard_map"
+    for sim, mesh in zip(simulated["rows"], meshed["rows"], strict=True):
+        assert sim["method"] == mesh["method"]
+        assert mesh["sent_bytes_per_worker"] == sim["sent_bytes_per_worker"] > 0
+        assert mesh["hlo_bytes"] > 0
+
+
+def test_shard_map_execution_needs_a_device_per_worker(capsys):
+    with pytest.raises(SystemExit):
+        compression_cost.main(["--small", "--execution", "shard_map", "--workers", "16"])
+    assert "needs that many devices, this process has 8" in capsys.readouterr().err
