@@ -265,8 +265,9 @@ def powersgd(
     subtracts it, as in the paper and PyTorch's hook). ``r`` is capped at
     ``min(rows, cols)``. Leaves that are vectors/scalars, or whose compression
     rate ``rows·cols / (r (rows + cols))`` is below ``min_compression_rate``, are
-    averaged exactly, packed into the P all-reduce. Leaves with the same matrix
-    shape are batched: a step issues exactly two all-reduces for the whole tree.
+    averaged exactly, in the P all-reduce. Leaves with the same matrix
+    shape are batched: a step makes two all-reduce rounds for the whole tree (P, then Q;
+    in each, the arrays under 16384 entries share one buffer per dtype).
     Before ``start_step`` every leaf is averaged exactly (one all-reduce; Q is
     left untouched, ``local = x`` so an EF residual stays zero). The products are
     computed in float32 at ``HIGHEST`` precision (no TF32 on GPU).
