@@ -162,6 +162,14 @@ class Channel:
         return self._counter
 
     @property
+    def simulated(self) -> bool:
+        """Whether, in the trace under way, every axis of this channel is simulated (``vmap``): nothing
+        crosses a wire, and an all-gather returns the workers' batched values themselves (one copy
+        for all of them)."""
+        simulated = set(current_simulated_axes())
+        return bool(self._axes) and all(a in simulated for a in self._axes)
+
+    @property
     def index(self) -> jax.Array:
         """This worker's index along the axis."""
         return worker_index(self.axis_name)
@@ -196,8 +204,7 @@ class Channel:
         they are. Bytes are counted on the arrays actually sent."""
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         fn = lambda t, axes: _reduce(t, axes, combine, collective)  # noqa: E731
-        simulated = set(current_simulated_axes())
-        if self._axes and all(a in simulated for a in self._axes):
+        if self.simulated:
             # Simulated workers only: nothing crosses a wire, so packing the small leaves would be
             # pure memory traffic (a concatenate and the slices back); they are reduced one by one and
             # counted as the packed all-reduce a network would carry (the same bytes in every mode).

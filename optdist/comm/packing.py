@@ -20,8 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optdist.comm.axes import current_simulated_axes, physical_axes
-
 
 def compute_dtype(dtype: Any) -> np.dtype:
     """The dtype arithmetic on a payload runs in: low-precision floats are promoted to float32."""
@@ -78,8 +76,4 @@ def packed(collective: Callable[[Any], Any], tree: Any, *, gathered: bool = Fals
 def _unpacked_is_free(collective: Callable, gathered: bool) -> bool:
     """Whether ``collective`` is a Channel's all-gather on simulated axes only (the same bytes unpacked)."""
     channel = getattr(collective, "__self__", None)
-    if not gathered or channel is None or not hasattr(channel, "axis_name"):
-        return False
-    axes = physical_axes(channel.axis_name)
-    simulated = set(current_simulated_axes())
-    return bool(axes) and all(a in simulated for a in axes)
+    return gathered and bool(getattr(channel, "simulated", False))

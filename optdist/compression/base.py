@@ -284,12 +284,36 @@ def mean_over_workers(decoded: jax.Array) -> jax.Array:
     return ordered_sum(decoded) / decoded.shape[0]
 
 
+def accumulated_mean(
+    decode_accumulate: Callable[[Any, jax.Array], jax.Array],
+    stacked: Any,
+    size: int,
+    dtype: Any,
+    receive: str = "unrolled",
+) -> jax.Array:
+    """``(decode(p_0) + ... + decode(p_{n-1})) / n`` for gathered payloads ``stacked`` (a leading
+    worker axis), summed into one flat ``size`` buffer of ``dtype`` in worker order:
+    ``acc <- decode_accumulate(p_j, acc)``, ``j = 0 .. n-1``, from zeros. No ``(n, size)`` stack of
+    decoded payloads is built; the additions are those of :func:`mean_over_workers` on that stack
+    (``0 + d_0 = d_0`` exactly). ``receive``: ``"unrolled"`` (one ``decode_accumulate`` per worker in
+    the program) or ``"scan"`` (a ``lax.scan`` over the workers), the same bits either way."""
+    workers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    total = jnp.zeros((size,), dtype)
+    if receive == "scan":
+        total = lax.scan(lambda acc, p: (decode_accumulate(p, acc), None), total, stacked)[0]
+    else:
+        for j in range(workers):
+            total = decode_accumulate(jax.tree_util.tree_map(lambda p, j=j: p[j], stacked), total)
+    return total / workers
+
+
 def gathered(
     name: str,
     encode: Callable[..., Any],
     decode: Callable[[Any, int], jax.Array],
     *,
     combine: Callable[[jax.Array], jax.Array] = mean_over_workers,
+    accumulate: Callable[[Any, jax.Array], jax.Array] | None = None,
     init_leaf: Callable[[jax.Array], Any] | None = None,
     min_compression_rate: float = 1.0,
     shaped: bool = False,
@@ -305,8 +329,20 @@ def gathered(
     combine(stack_j decode(payload_j))`` (the mean by default; majority vote for
     unscaled sign). One all-gather carries every compressed leaf; the plain
     leaves go through one all-reduce mean.
+
+    ``accumulate(payload, acc) -> acc + decode(payload)`` (flat, in ``decode``'s dtype), for the
+    default mean only: the receive side then sums the workers' payloads into one buffer
+    (:func:`accumulated_mean`: the same additions in the same order) instead of decoding a
+    ``(workers, size)`` stack. Each worker decodes every payload, so on a mesh that stack is
+    ``workers`` full-size passes per worker. Simulated workers (:attr:`Channel.simulated`) keep the
+    stack: there it is one copy for all of them, shared with their local decodes.
     """
     stateful = init_leaf is not None
+    if accumulate is not None and (shaped or combine is not mean_over_workers):
+        raise ValueError(
+            f"{name}: accumulate= applies to the default mean of flat leaves only; drop it, or drop "
+            "combine= and shaped=True."
+        )
 
     def view(leaf):  # what encode and init_leaf see
         return leaf.astype(compute_dtype(leaf.dtype)) if shaped else _flat(leaf)
@@ -345,7 +381,15 @@ def gathered(
             else:
                 payload = encode(view(leaves[i]), keys[i])
             payloads.append(payload)
-        mean_of = lambda stacked, leaf: combine(jax.vmap(lambda p: decode(p, extent(leaf)))(stacked))
+
+        def mean_of(stacked, leaf):
+            # Simulated workers share one decoded stack (XLA merges it with the local decodes).
+            if accumulate is not None and not channel.simulated:
+                row = jax.tree_util.tree_map(lambda p: p[0], stacked)
+                dtype = jax.eval_shape(lambda p: decode(p, leaf.size), row).dtype  # decode's own dtype
+                return accumulated_mean(accumulate, stacked, leaf.size, dtype)
+            return combine(jax.vmap(lambda p: decode(p, extent(leaf)))(stacked))
+
         mean_leaves = _exchange(leaves, compressed, payloads, channel, mean_of)
         local_leaves = list(leaves)
         for j, i in enumerate(compressed):
@@ -418,15 +462,8 @@ def gathered_ef(
     if receive not in ("unrolled", "scan"):
         raise ValueError(f"receive must be 'unrolled' or 'scan'; got {receive!r}.")
 
-    def mean_of(stacked, leaf):  # sum the workers' payloads in worker order, then divide by n
-        workers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-        total = jnp.zeros((leaf.size,), jnp.float32)
-        if receive == "scan":
-            total = lax.scan(lambda acc, p: (decode_accumulate(p, acc), None), total, stacked)[0]
-        else:
-            for j in range(workers):
-                total = decode_accumulate(jax.tree_util.tree_map(lambda p, j=j: p[j], stacked), total)
-        return total / workers
+    def mean_of(stacked, leaf):
+        return accumulated_mean(decode_accumulate, stacked, leaf.size, jnp.float32, receive)
 
     def plan(leaves):
         return [

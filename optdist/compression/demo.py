@@ -50,6 +50,12 @@ def demo(chunk: int = 64, topk: int = 32, beta: float = 0.999) -> Compressor:
     and the ``k = min(topk, h w)`` largest-magnitude coefficients of each tile are kept. A vector is
     one row (1-D DCT over tiles of ``w``); a tensor of rank > 2 is viewed as
     ``(prod(leading dims), last dim)``.
+    Deviation: the reference implementation (``CompressDCT.batch_decompress``) averages each
+    coefficient over the workers that sent it (``scatter_reduce(..., "mean", include_self=False)``)
+    before one inverse DCT; here every coefficient's sum is divided by ``n``, the mean of the
+    decoded messages (linear in each worker's message, like every other gathered compressor's
+    mean). Under the sign that follows, the two differ where a coefficient is sent by some workers
+    only.
     DeMo's update is the *sign* of this mean: chain ``optax.scale_by_sign()``
     (and the learning rate) after it, with no error feedback in
     ``compressed_mean`` (the momentum already keeps what was not sent)::

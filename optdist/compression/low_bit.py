@@ -393,6 +393,13 @@ class _ChunkTopK:
         dense = jnp.zeros((rows, width), jnp.float32)
         return dense.at[jnp.arange(rows)[:, None], idx].set(values).reshape(-1)[:size]
 
+    def scatter_add(self, values, idx, acc):
+        """``acc`` (flat) plus :meth:`scatter` of ``values``: entries in the last chunk's padding are
+        dropped, as :meth:`scatter`'s slice drops them."""
+        width = _chunk_shape(acc.shape[0], self.chunk_size)[1]
+        flat = jnp.arange(values.shape[0])[:, None] * width + idx
+        return acc.at[flat].add(values.astype(acc.dtype), mode="drop")
+
 
 def chunked_top_k(
     density: float,
@@ -443,12 +450,18 @@ def chunked_top_k(
         values, scale = layout.encode_values(jnp.take_along_axis(chunks, idx, axis=1), key)
         return {"values": values, "indices": pack_codes(idx, index_bits), "scale": scale}
 
-    def decode(payload, size):
+    def unpack(payload, size):  # (values [rows, k], chunk-local indices [rows, k])
         rows, width, k, index_bits = layout.geometry(size)
         idx = unpack_codes(payload["indices"], rows * k, index_bits).reshape(rows, k)
-        return layout.scatter(layout.decode_values(payload["values"], payload["scale"], rows, k), idx, size)
+        return layout.decode_values(payload["values"], payload["scale"], rows, k), idx
 
-    return gathered(layout.name("chunked_top_k"), encode, decode)
+    def decode(payload, size):
+        return layout.scatter(*unpack(payload, size), size)
+
+    def accumulate(payload, acc):
+        return layout.scatter_add(*unpack(payload, acc.shape[0]), acc)
+
+    return gathered(layout.name("chunked_top_k"), encode, decode, accumulate=accumulate)
 
 
 def cyclic_top_k(

@@ -21,7 +21,11 @@ def num_kept(ratio: float, size: int) -> int:
 
 
 def _scatter(payload: dict, size: int) -> jax.Array:
-    return jnp.zeros((size,), payload["values"].dtype).at[payload["indices"]].add(payload["values"])
+    return _scatter_add(payload, jnp.zeros((size,), payload["values"].dtype))
+
+
+def _scatter_add(payload: dict, acc: jax.Array) -> jax.Array:
+    return acc.at[payload["indices"]].add(payload["values"].astype(acc.dtype))
 
 
 def _empty_payload(x: jax.Array, count: bool) -> dict:
@@ -121,7 +125,7 @@ def top_k(
     resolve_impl(impl, unsupported=f"top_k(method={method!r}) has no kernel; method='fused_threshold' has")
 
     encode = _encode_exact(ratio) if method == "exact" else _encode_threshold(ratio, sample_size)
-    compressor = gathered(f"top_k({ratio:g}, {method})", encode, _scatter)
+    compressor = gathered(f"top_k({ratio:g}, {method})", encode, _scatter, accumulate=_scatter_add)
     # k = ceil(ratio d) >= ratio d, so delta = k / d >= ratio on every leaf (exact top-k only).
     return compressor._replace(contraction=ratio) if method == "exact" else compressor
 
@@ -187,8 +191,5 @@ def _fused_threshold(ratio: float, tol: float, sample_size: int, max_refine: int
             impl=impl,
         )
 
-    def decode_accumulate(payload, acc):
-        # Slots from ``count`` on hold value 0 at index 0: adding them changes nothing.
-        return acc.at[payload["indices"]].add(payload["values"].astype(acc.dtype))
-
-    return gathered_ef(f"top_k({ratio:g}, fused_threshold)", encode_ef, decode_accumulate)
+    # Slots from ``count`` on hold value 0 at index 0: adding them changes nothing.
+    return gathered_ef(f"top_k({ratio:g}, fused_threshold)", encode_ef, _scatter_add)

@@ -1,6 +1,7 @@
 """Element-wise compressors: unbiasedness, contraction, exact bytes, structure, bad input."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -306,3 +307,45 @@ def test_bad_arguments_are_named():
         compression.sign(scaled="yes")
     with pytest.raises(TypeError, match="floating"):
         _aggregate(compression.top_k(0.5), {"v": jnp.ones((8,), jnp.int32)})
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: compression.top_k(0.02),
+        lambda: compression.top_k(0.02, "threshold"),
+        lambda: compression.chunked_top_k(0.2, 64, value_bits=4),
+    ],
+    ids=["top_k", "top_k_threshold", "chunked_top_k"],
+)
+def test_sparse_mean_on_a_mesh_accumulates_into_one_buffer(make):
+    """On a mesh each worker decodes every worker's payload: the mean is scatter-added worker by worker
+    into one leaf-sized buffer (no (workers, size) stack of decoded payloads), with the same bits as
+    simulated workers, which decode one shared stack. The workers' top coordinates overlap, so the
+    order of the additions matters; the leaf's last 64-chunk has 2 entries, so chunked top-k also
+    selects padding, which is dropped."""
+    workers, size = 4, 64 * 93 + 2
+    key = jax.random.key(5)
+    shared = jax.random.normal(key, (size,)) * (jnp.arange(size) % 50 == 0) * 10
+    grads = {"w": shared + jax.random.normal(jax.random.fold_in(key, 1), (workers, size))}
+    params = {"w": jnp.zeros((size,))}
+    tx = compressed_mean(make(), "data")
+    state = optdist.replicate(tx.init(params), workers)
+    fn = lambda g, s: tx.update(g, s, params)  # noqa: E731
+    mesh = jax.make_mesh((workers,), ("data",), devices=jax.devices()[:workers])
+    on_mesh = jax.jit(optdist.data_parallel(fn, mesh, "data")).lower(grads, state).compile()
+    stacks = re.findall(rf"f32\[{workers},([\d,]+)\]", on_mesh.as_text())
+    assert not [d for d in stacks if math.prod(map(int, d.split(","))) >= size], stacks
+    got, got_state = on_mesh(grads, state)
+    want, want_state = optdist.simulate(fn, "data")(grads, state)
+    np.testing.assert_array_equal(got["w"], want["w"])
+    np.testing.assert_array_equal(optdist.bytes_sent(got_state), optdist.bytes_sent(want_state))
+    overlap = np.asarray(jnp.abs(grads["w"]).argsort(1)[:, -int(0.02 * size) :])
+    assert len(set.intersection(*map(set, overlap))) > 10
+
+
+def test_gathered_refuses_accumulate_with_another_combine():
+    from optdist.compression.base import gathered
+
+    with pytest.raises(ValueError, match="accumulate= applies to the default mean"):
+        gathered("x", lambda x, k: x, lambda p, n: p, combine=lambda s: s[0], accumulate=lambda p, a: a + p)
